@@ -1,0 +1,16 @@
+"""prod9_ext: the components the prod9 MONAI bundles name with ``_target_``.
+
+Stage 1 turns a 3D volume into a grid of discrete FSQ tokens and back; stage 2 fills in a target modality's token
+grid with a MaskGiT transformer conditioned on source modalities, a class label, or nothing.
+"""
+
+from prod9_ext.autoencoder import AutoencoderFSQ
+from prod9_ext.fsq import FiniteScalarQuantizer
+from prod9_ext.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
+
+__all__ = [
+    "AutoencoderFSQ",
+    "AutoencoderInferenceWrapper",
+    "FiniteScalarQuantizer",
+    "SlidingWindowConfig",
+]
