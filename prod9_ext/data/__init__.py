@@ -1,0 +1,39 @@
+"""Data for prod9: BraTS datalists, MedMNIST 3D, the embedded brain phantoms, and the one preprocessing."""
+
+from prod9_ext.data.brats import BRATS_DATA_DIR_ENV, MODALITIES, load_brats_datalist
+from prod9_ext.data.medmnist3d import (
+    MEDMNIST3D_FLAGS,
+    MEDMNIST3D_SIZES,
+    MEDMNIST_DATA_DIR_ENV,
+    MedMNIST3DItems,
+    load_medmnist3d,
+)
+from prod9_ext.data.phantoms import (
+    PHANTOM_COMPARTMENTS,
+    PHANTOM_LABELS,
+    PhantomCase,
+    generate_phantom_case,
+    make_phantom_dataset,
+    save_phantom_preview,
+)
+from prod9_ext.data.transforms import ScaleIntensityMaskedPercentilesd, brats_transforms, medmnist_transforms
+
+__all__ = [
+    "BRATS_DATA_DIR_ENV",
+    "MEDMNIST3D_FLAGS",
+    "MEDMNIST3D_SIZES",
+    "MEDMNIST_DATA_DIR_ENV",
+    "MODALITIES",
+    "PHANTOM_COMPARTMENTS",
+    "PHANTOM_LABELS",
+    "MedMNIST3DItems",
+    "PhantomCase",
+    "ScaleIntensityMaskedPercentilesd",
+    "brats_transforms",
+    "generate_phantom_case",
+    "load_brats_datalist",
+    "load_medmnist3d",
+    "make_phantom_dataset",
+    "medmnist_transforms",
+    "save_phantom_preview",
+]

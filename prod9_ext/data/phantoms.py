@@ -1,0 +1,548 @@
+"""Multi-contrast brain MRI phantoms with tumours, built offline from the MNI152 2009 templates.
+
+Each case starts from the real anatomy of the MNI152 2009 (ICBM 152 nonlinear symmetric 2009a) templates that
+nilearn ships: the grey- and white-matter probability maps and the brain mask, with CSF as the part of the
+mask that is neither grey nor white matter. A case then gets
+
+- its own smooth random deformation (a small random affine plus a smooth displacement field), so no two
+  cases are the same brain;
+- a synthetic tumour at a random place in the brain, of random size and irregular shape, which pushes the
+  surrounding tissue aside: a necrotic core (label 1) inside an enhancing rim (label 4), surrounded by
+  oedema (label 2) that spreads mostly through white matter;
+- four contrasts from per-tissue signal levels (T1: WM > GM > CSF; T1ce: T1 with a bright enhancing rim;
+  T2: CSF bright, WM dark, oedema bright; FLAIR: T2-like with CSF suppressed, oedema bright), partial-volume
+  mixing of the tissue fractions, a little tissue texture, a smooth multiplicative bias field, Rician noise
+  and a random scanner gain per volume, skull-stripped (zero outside the brain) and stored as int16
+  scanner-like values (hundreds to a few thousand), as BraTS volumes are.
+
+The volumes cover a fixed 180 x 220 x 180 mm field of view around the brain in RAS+ world coordinates (MNI
+millimetres): 90 x 110 x 90 voxels at the default 2 mm spacing. :func:`make_phantom_dataset` writes a data set
+in the BraTS 2021 layout that :func:`prod9_ext.data.load_brats_datalist` reads; the same seed gives
+byte-identical files.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from prod9_ext.data.brats import MODALITIES
+
+__all__ = [
+    "PHANTOM_COMPARTMENTS",
+    "PHANTOM_LABELS",
+    "PhantomCase",
+    "generate_phantom_case",
+    "make_phantom_dataset",
+    "save_phantom_preview",
+]
+
+logger = logging.getLogger(__name__)
+
+PHANTOM_LABELS: dict[int, str] = {0: "background", 1: "necrotic core", 2: "oedema", 4: "enhancing tumour"}
+"""Segmentation labels, as BraTS 2021 uses them."""
+
+_FIELD_OF_VIEW_MM = np.array([180.0, 220.0, 180.0])
+_CASE_NAME = "Phantom_{:05d}"
+_CASE_PATTERN = re.compile(r"^Phantom_\d{5}$")
+_DATALIST_FILE = "dataset.json"
+
+PHANTOM_COMPARTMENTS: tuple[str, ...] = ("csf", "gm", "wm", "necrosis", "oedema", "enhancing")
+"""The compartments that make up a phantom, in the order of :attr:`PhantomCase.tissue`."""
+
+# Relative signal of each compartment per contrast (WM of T1 = 1).
+_RELATIVE_SIGNAL: dict[str, tuple[float, ...]] = {
+    #        csf   gm    wm    necrosis oedema enhancing
+    "t1": (0.22, 0.62, 1.00, 0.28, 0.55, 0.62),
+    "t1ce": (0.22, 0.62, 1.00, 0.28, 0.55, 1.75),
+    "t2": (1.00, 0.52, 0.36, 0.90, 0.80, 0.62),
+    "flair": (0.10, 0.66, 0.48, 0.40, 1.00, 0.78),
+}
+_SCANNER_GAIN: dict[str, float] = {"t1": 1000.0, "t1ce": 1100.0, "t2": 1900.0, "flair": 800.0}
+
+
+@dataclass(frozen=True)
+class PhantomCase:
+    """One phantom case in memory.
+
+    Attributes:
+        images: ``{"t1", "t1ce", "t2", "flair"}`` -> int16 array ``[X, Y, Z]``, scanner-like values, 0 outside
+            the brain.
+        seg: uint8 array ``[X, Y, Z]`` with the labels of :data:`PHANTOM_LABELS`.
+        affine: ``[4, 4]`` voxel-to-world (RAS+, mm) matrix shared by all volumes.
+        tissue: float32 ``[6, X, Y, Z]``, the ground-truth volume fraction of each of
+            :data:`PHANTOM_COMPARTMENTS` per voxel (not written to disk).
+    """
+
+    images: dict[str, np.ndarray]
+    seg: np.ndarray
+    affine: np.ndarray
+    tissue: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Anatomy:
+    """MNI152 2009 tissue maps at 1 mm and what the generator derives from them once."""
+
+    maps: np.ndarray  # [3, I, J, K] float32: brain mask, GM, WM probabilities
+    world_to_index: np.ndarray  # [4, 4]
+    centre: np.ndarray  # [3] centre of the brain's bounding box, mm
+    sites: np.ndarray  # [N, 3] candidate tumour centres (deep parenchyma), mm
+    depths: np.ndarray  # [N] distance of each site to the brain surface, mm
+
+
+@dataclass(frozen=True)
+class _AffinePart:
+    """The affine part of a case's deformation: ``template = linear @ (output - centre) + centre + shift``."""
+
+    linear: np.ndarray  # [3, 3]
+    centre: np.ndarray  # [3] mm
+    shift: np.ndarray  # [3] mm
+
+    def to_template(self, points: np.ndarray) -> np.ndarray:
+        """Template-space coordinates ``[3, N]`` of output points ``[3, N]``."""
+        centre = self.centre.astype(np.float32)[:, None]
+        return self.linear.astype(np.float32) @ (points - centre) + centre + self.shift.astype(np.float32)[:, None]
+
+    def to_output(self, point: np.ndarray) -> np.ndarray:
+        """Output-space coordinates ``[3]`` of a template point ``[3]``."""
+        return np.linalg.solve(self.linear, point - self.centre - self.shift) + self.centre
+
+
+@dataclass(frozen=True)
+class _Tumour:
+    """Where the tumour sits and how big it is, in output world coordinates (mm)."""
+
+    centre: np.ndarray  # [3]
+    core_radius: float
+    rim_thickness: float
+    oedema_radius: float
+    mass_effect: float
+
+
+def generate_phantom_case(seed: int | np.random.Generator, spacing: float = 2.0) -> PhantomCase:
+    """Draw one phantom case: deformed MNI152 anatomy, a tumour, four contrasts and the segmentation.
+
+    Args:
+        seed: seed or generator of all the case's randomness; the same seed gives the same arrays.
+        spacing: isotropic voxel size in mm (2 mm: 90 x 110 x 90 voxels; 1 mm: 180 x 220 x 180).
+
+    Returns:
+        The case's four int16 contrasts ``[X, Y, Z]``, uint8 segmentation ``[X, Y, Z]``, affine ``[4, 4]`` and
+        tissue fractions ``[6, X, Y, Z]``.
+    """
+    if spacing <= 0:
+        raise ValueError(f"spacing must be positive, got {spacing}.")
+    rng = np.random.default_rng(seed)
+    anatomy = _mni152_anatomy()
+    affine, shape = _output_grid(anatomy.centre, spacing)
+    points = _world_points(affine, shape)
+    deformation = _draw_deformation(rng, anatomy.centre)
+    tumour = _draw_tumour(rng, anatomy, deformation, spacing)
+    source = _to_index(anatomy.world_to_index, _deform(rng, deformation, _mass_effect(points, tumour)))
+    brain, gm, wm = (ndimage.map_coordinates(m, source, order=1).reshape(shape) for m in anatomy.maps)
+    fractions = _compartment_fractions(rng, points, tumour, brain, gm, wm, spacing)
+    texture = 0.04 * _smooth_noise(rng, points, cell_mm=3.0, sigma_mm=4.0)
+    heterogeneity = 0.12 * _smooth_noise(rng, points, cell_mm=3.0, sigma_mm=3.0)
+    tissue_texture = 1.0 + texture + heterogeneity * (fractions[3] + fractions[5])
+    inside = brain > 0.5
+    images = {modality: _contrast(rng, modality, fractions, tissue_texture, inside) for modality in MODALITIES}
+    return PhantomCase(images=images, seg=_labels(fractions, inside), affine=affine, tissue=fractions)
+
+
+def make_phantom_dataset(
+    output_dir: str | os.PathLike,
+    num_cases: int,
+    seed: int = 0,
+    spacing: float = 2.0,
+    overwrite: bool = False,
+    val_fraction: float = 0.2,
+) -> Path:
+    """Write ``num_cases`` phantom cases in the BraTS 2021 layout, plus a ``dataset.json`` datalist.
+
+    Layout: ``<output_dir>/Phantom_00000/Phantom_00000_{t1,t1ce,t2,flair,seg}.nii.gz``, ... and
+    ``<output_dir>/dataset.json`` with ``"training"`` and ``"validation"`` lists of
+    ``{"case", "t1", "t1ce", "t2", "flair", "seg"}`` (paths relative to ``output_dir``). Case ``i`` depends on
+    ``seed`` and ``i`` only, and the validation set is the last ``round(val_fraction * num_cases)`` cases (the
+    cases are independent draws, so this is a random split). Every file is written under a temporary name and
+    renamed when complete, so an interrupted run never leaves a partial ``.nii.gz``; gzip headers carry no
+    time stamp, so the same arguments give byte-identical files.
+
+    Args:
+        output_dir: folder to write into (created if needed).
+        num_cases: number of cases, at least 1.
+        seed: seed of the whole data set.
+        spacing: isotropic voxel size in mm.
+        overwrite: replace the phantom cases (``Phantom_*`` folders) and ``dataset.json`` already in
+            ``output_dir``; without it a folder that holds cases is refused.
+        val_fraction: share of the cases in the validation list, in ``[0, 1)``.
+
+    Returns:
+        The path of the written ``dataset.json``.
+
+    Raises:
+        ValueError: ``num_cases < 1`` or ``val_fraction`` outside ``[0, 1)``.
+        FileExistsError: ``output_dir`` already holds cases and ``overwrite`` is False.
+    """
+    if num_cases < 1:
+        raise ValueError(f"num_cases must be at least 1, got {num_cases}.")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    root = Path(output_dir).expanduser().resolve()
+    _prepare_output_dir(root, overwrite)
+    entries = []
+    for index, case_seed in enumerate(np.random.SeedSequence(seed).spawn(num_cases)):
+        name = _CASE_NAME.format(index)
+        entries.append(_write_case(root, name, generate_phantom_case(np.random.default_rng(case_seed), spacing)))
+        logger.info("Wrote phantom case %s (%d/%d)", name, index + 1, num_cases)
+    num_val = round(val_fraction * num_cases)
+    datalist = _datalist(entries[: num_cases - num_val], entries[num_cases - num_val :], seed, spacing)
+    datalist_path = root / _DATALIST_FILE
+    _write_atomic(datalist_path, (json.dumps(datalist, indent=2) + "\n").encode())
+    return datalist_path
+
+
+def save_phantom_preview(case_dir: str | os.PathLike, png_path: str | os.PathLike) -> Path:
+    """Draw the four contrasts and the segmentation of one written case, three planes each, into a PNG.
+
+    The slices go through the centre of the tumour (the middle of the volume when there is none). Each
+    contrast is shown on its own grey scale (0 to its 99.5th percentile inside the brain).
+
+    Args:
+        case_dir: a case folder in the BraTS 2021 layout (``<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz``).
+        png_path: the image file to write.
+
+    Returns:
+        ``png_path`` as a Path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    case_dir = Path(case_dir)
+    volumes = {key: _load_volume(case_dir, key) for key in (*MODALITIES, "seg")}
+    seg = volumes["seg"]
+    centre = np.round(np.argwhere(seg > 0).mean(0)).astype(int) if seg.any() else np.array(seg.shape) // 2
+    figure = Figure(figsize=(2.4 * len(volumes), 2.4 * 3), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(3, len(volumes), squeeze=False)
+    for column, (key, volume) in enumerate(volumes.items()):
+        top = 4.0 if key == "seg" else float(np.percentile(volume[volume > 0], 99.5))
+        for row, plane in enumerate(_mid_planes(volume, centre)):
+            ax = axes[row][column]
+            ax.imshow(plane, cmap="viridis" if key == "seg" else "gray", vmin=0.0, vmax=top)
+            ax.set_axis_off()
+        axes[0][column].set_title(key)
+    figure.suptitle(case_dir.name)
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png_path, dpi=100)
+    return png_path
+
+
+@functools.lru_cache(maxsize=1)
+def _mni152_anatomy() -> _Anatomy:
+    """Load the 1 mm MNI152 2009 brain mask, GM and WM maps from nilearn (no download) and derive the sites."""
+    from nilearn import datasets
+
+    images = (
+        datasets.load_mni152_brain_mask(resolution=1),
+        datasets.load_mni152_gm_template(resolution=1),
+        datasets.load_mni152_wm_template(resolution=1),
+    )
+    maps = np.stack([np.asarray(img.get_fdata(dtype=np.float32)) for img in images])
+    maps[0] = maps[0] > 0.5
+    maps[1:] = np.clip(maps[1:], 0.0, 1.0) * maps[0]
+    affine = np.asarray(images[0].affine, dtype=np.float64)
+    index_to_world = functools.partial(_apply_affine, affine)
+    brain_voxels = np.argwhere(maps[0] > 0)
+    centre = index_to_world((brain_voxels.min(0) + brain_voxels.max(0)) / 2.0)
+    # Sites on a 2 mm lattice are plenty, and the distance transform is 8 times cheaper there.
+    coarse = maps[:, ::2, ::2, ::2]
+    depth = np.asarray(ndimage.distance_transform_edt(coarse[0] > 0, sampling=2.0))
+    sites = 2 * np.argwhere((depth >= 15.0) & (coarse[1] + coarse[2] > 0.9))
+    return _Anatomy(
+        maps=maps,
+        world_to_index=np.linalg.inv(affine),
+        centre=centre,
+        sites=index_to_world(sites.astype(np.float64)),
+        depths=depth[tuple(sites.T // 2)],
+    )
+
+
+def _apply_affine(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Map points ``[..., 3]`` through a ``[4, 4]`` affine."""
+    return points @ affine[:3, :3].T + affine[:3, 3]
+
+
+def _output_grid(centre: np.ndarray, spacing: float) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Affine ``[4, 4]`` and shape of the isotropic ``spacing`` grid over the field of view around ``centre``."""
+    shape = tuple(int(n) for n in np.round(_FIELD_OF_VIEW_MM / spacing))
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = centre - spacing * (np.array(shape) - 1) / 2.0
+    return affine, (shape[0], shape[1], shape[2])
+
+
+def _world_points(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """World coordinates ``[3, X, Y, Z]`` (float32, mm) of the voxel centres of a grid."""
+    axes = [affine[i, i] * np.arange(n, dtype=np.float32) + affine[i, 3] for i, n in enumerate(shape)]
+    return np.stack(np.meshgrid(*axes, indexing="ij")).astype(np.float32)
+
+
+def _to_index(world_to_index: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Voxel coordinates ``[3, N]`` of world points ``[3, N]``."""
+    return (world_to_index[:3, :3] @ points + world_to_index[:3, 3:]).astype(np.float32)
+
+
+def _draw_tumour(rng: np.random.Generator, anatomy: _Anatomy, deformation: _AffinePart, spacing: float) -> _Tumour:
+    """Draw the tumour's size and a centre deep enough in the parenchyma to hold its core."""
+    rim_thickness = max(rng.uniform(3.0, 6.0), 1.5 * spacing)
+    core_radius = rim_thickness + rng.uniform(6.0, 16.0)
+    fits = anatomy.depths >= 1.3 * core_radius + 2.0
+    sites = anatomy.sites[fits] if fits.any() else anatomy.sites[anatomy.depths == anatomy.depths.max()]
+    return _Tumour(
+        centre=deformation.to_output(sites[rng.integers(len(sites))]),
+        core_radius=core_radius,
+        rim_thickness=rim_thickness,
+        oedema_radius=core_radius * rng.uniform(1.5, 2.5),
+        mass_effect=rng.uniform(0.15, 0.4),
+    )
+
+
+def _mass_effect(points: np.ndarray, tumour: _Tumour) -> np.ndarray:
+    """Pull the sampling points ``[3, ...]`` towards the tumour centre, which pushes the anatomy outwards.
+
+    Radial map ``r -> r (1 - a exp(-(r / R)^2))`` with ``a < 1``: monotonic, so the anatomy folds nowhere.
+    """
+    offset = points - tumour.centre.astype(np.float32)[:, None, None, None]
+    radius_sq = np.sum(offset**2, axis=0) / np.float32(tumour.oedema_radius**2)
+    return points - offset * (tumour.mass_effect * np.exp(-radius_sq))
+
+
+def _draw_deformation(rng: np.random.Generator, centre: np.ndarray) -> _AffinePart:
+    """Random affine about the brain ``centre``: rotations up to 6 degrees about each axis, scaling by
+    0.92-1.08 (plus up to 3 % per axis), shifts up to 4 mm."""
+    angles = np.deg2rad(rng.uniform(-6.0, 6.0, size=3))
+    scales = rng.uniform(0.92, 1.08) * rng.uniform(0.97, 1.03, size=3)
+    return _AffinePart(linear=_rotation(angles) * scales, centre=centre, shift=rng.uniform(-4.0, 4.0, size=3))
+
+
+def _deform(rng: np.random.Generator, deformation: _AffinePart, points: np.ndarray) -> np.ndarray:
+    """Template-space points ``[3, ...]`` of output points ``[3, ...]``: the affine part plus a smooth warp.
+
+    The warp's displacement has a 3 mm standard deviation per axis and varies over about 20 mm.
+    """
+    warp = np.stack([3.0 * _smooth_noise(rng, points, cell_mm=5.0, sigma_mm=12.0) for _ in range(3)])
+    return deformation.to_template(points.reshape(3, -1)) + warp.reshape(3, -1)
+
+
+def _rotation(angles: np.ndarray) -> np.ndarray:
+    """Rotation matrix ``[3, 3]`` from rotations about x, y and z (radians)."""
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _smooth_noise(rng: np.random.Generator, points: np.ndarray, cell_mm: float, sigma_mm: float) -> np.ndarray:
+    """A smooth random field with zero mean and unit standard deviation, sampled at world points ``[3, ...]``.
+
+    White noise on a lattice of ``cell_mm`` cells over the points' bounding box, Gaussian-smoothed with
+    ``sigma_mm``, normalised, then interpolated linearly.
+    """
+    low = points.reshape(3, -1).min(1)
+    high = points.reshape(3, -1).max(1)
+    lattice_shape = tuple(int(n) + 2 for n in np.ceil((high - low) / cell_mm))
+    lattice = ndimage.gaussian_filter(
+        rng.standard_normal(lattice_shape, dtype=np.float32), sigma_mm / cell_mm, mode="wrap"
+    )
+    lattice = (lattice - lattice.mean()) / lattice.std()
+    index = (points.reshape(3, -1) - low[:, None]) / np.float32(cell_mm)
+    return ndimage.map_coordinates(lattice, index, order=1, mode="nearest").reshape(points.shape[1:])
+
+
+def _compartment_fractions(
+    rng: np.random.Generator,
+    points: np.ndarray,
+    tumour: _Tumour,
+    brain: np.ndarray,
+    gm: np.ndarray,
+    wm: np.ndarray,
+    spacing: float,
+) -> np.ndarray:
+    """Volume fractions ``[6, X, Y, Z]`` of csf, gm, wm, necrosis, oedema and enhancing tumour per voxel.
+
+    The tumour's boundaries are spheres whose radius varies smoothly with position (irregular shapes), with
+    soft edges: partial volume for the core, a diffuse 2.5 mm wide fall-off for the oedema. The core
+    replaces all tissue; oedema replaces a share of the remaining parenchyma, more of white matter than of
+    grey matter.
+    """
+    gm = np.minimum(gm, brain)
+    wm = np.minimum(wm, brain - gm)
+    csf = brain - gm - wm
+    distance = np.sqrt(np.sum((points - tumour.centre.astype(np.float32)[:, None, None, None]) ** 2, axis=0))
+    core_edge = tumour.core_radius * (1.0 + 0.25 * _smooth_noise(rng, points, cell_mm=4.0, sigma_mm=6.0))
+    oedema_edge = tumour.oedema_radius * (1.0 + 0.3 * _smooth_noise(rng, points, cell_mm=4.0, sigma_mm=6.0))
+    width = np.float32(0.4 * spacing)
+    core = _soft_inside(core_edge - distance, width)
+    necrosis = _soft_inside(core_edge - tumour.rim_thickness - distance, width)
+    oedema_share = _soft_inside(oedema_edge - distance, max(width, np.float32(2.5))) * (1.0 - core)
+    healthy = 1.0 - core
+    gm, wm, csf = gm * healthy, wm * healthy, csf * healthy
+    oedema_gm, oedema_wm = 0.6 * oedema_share * gm, oedema_share * wm
+    return np.stack(
+        [
+            csf,
+            gm - oedema_gm,
+            wm - oedema_wm,
+            necrosis * brain,
+            oedema_gm + oedema_wm,
+            (core - necrosis) * brain,
+        ]
+    ).astype(np.float32)
+
+
+def _soft_inside(signed_distance: np.ndarray, width: np.float32) -> np.ndarray:
+    """Logistic membership: 1 well inside (positive distance), 0 well outside, 1/2 on the edge."""
+    return 0.5 * (1.0 + np.tanh(signed_distance / (2.0 * width)))
+
+
+def _labels(fractions: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """BraTS labels ``[X, Y, Z]`` uint8: the compartment with the largest fraction, healthy tissue as 0."""
+    healthy = fractions[:3].sum(0)
+    dominant = np.argmax(np.stack([healthy, fractions[3], fractions[4], fractions[5]]), axis=0)
+    labels = np.array([0, 1, 2, 4], dtype=np.uint8)[dominant]
+    labels[~inside] = 0
+    return labels
+
+
+def _contrast(
+    rng: np.random.Generator,
+    modality: str,
+    fractions: np.ndarray,
+    texture: np.ndarray,
+    inside: np.ndarray,
+) -> np.ndarray:
+    """One int16 volume ``[X, Y, Z]``: tissue signal x texture x bias field x gain, Rician noise, skull-stripped."""
+    signal = np.tensordot(np.asarray(_RELATIVE_SIGNAL[modality], dtype=np.float32), fractions, axes=1)
+    gain = _SCANNER_GAIN[modality] * rng.uniform(0.8, 1.25)
+    clean = signal * texture * _bias_field(rng, signal.shape) * np.float32(gain)
+    sigma = np.float32(rng.uniform(0.015, 0.03) * gain)
+    real = clean + sigma * rng.standard_normal(clean.shape, dtype=np.float32)
+    imaginary = sigma * rng.standard_normal(clean.shape, dtype=np.float32)
+    magnitude = np.sqrt(real**2 + imaginary**2)
+    magnitude[~inside] = 0.0
+    return np.clip(np.round(magnitude), 0, np.iinfo(np.int16).max).astype(np.int16)
+
+
+def _bias_field(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarray:
+    """Smooth multiplicative bias ``[X, Y, Z]``: exp of a random quadratic over the grid (about +-15 %).
+
+    The quadratic in the voxel coordinates (scaled to [-1, 1]) is summed from 1D and 2D parts that broadcast.
+    """
+    x, y, z = (np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape)
+    x, y, z = x[:, None, None], y[None, :, None], z[None, None, :]
+    c = rng.normal(0.0, 0.06, size=9).astype(np.float32)
+    exponent = (
+        (c[0] * x + c[1] * (x * x - 1 / 3) + c[2] * x * y)
+        + (c[3] * y + c[4] * (y * y - 1 / 3) + c[5] * y * z)
+        + (c[6] * z + c[7] * (z * z - 1 / 3) + c[8] * x * z)
+    )
+    return np.exp(exponent, dtype=np.float32)
+
+
+def _prepare_output_dir(root: Path, overwrite: bool) -> None:
+    """Create ``root``; refuse it if it holds cases, or clear its phantom cases when ``overwrite``."""
+    root.mkdir(parents=True, exist_ok=True)
+    phantom_dirs = [p for p in root.iterdir() if p.is_dir() and _CASE_PATTERN.match(p.name)]
+    other_cases = [p for p in root.iterdir() if p.is_dir() and p not in phantom_dirs and any(p.glob("*.nii*"))]
+    datalist = root / _DATALIST_FILE
+    if not (phantom_dirs or other_cases or datalist.exists()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{root} already holds cases; pass overwrite=True (--overwrite) to replace them.")
+    if other_cases:
+        raise FileExistsError(
+            f"{root} holds case folders that are not phantoms ({other_cases[0].name}, ...); "
+            "choose another output folder."
+        )
+    for path in phantom_dirs:
+        shutil.rmtree(path)
+    datalist.unlink(missing_ok=True)
+
+
+def _write_case(root: Path, name: str, case: PhantomCase) -> dict[str, str]:
+    """Write one case's five volumes; return its datalist entry (paths relative to ``root``)."""
+    case_dir = root / name
+    case_dir.mkdir()
+    volumes: Mapping[str, np.ndarray] = {**case.images, "seg": case.seg}
+    entry = {"case": name}
+    for key, volume in volumes.items():
+        path = case_dir / f"{name}_{key}.nii.gz"
+        _write_atomic(path, _nifti_gz_bytes(volume, case.affine))
+        entry[key] = path.relative_to(root).as_posix()
+    return entry
+
+
+def _nifti_gz_bytes(volume: np.ndarray, affine: np.ndarray) -> bytes:
+    """Gzipped NIfTI-1 bytes of ``volume`` with qform and sform ``affine``; no time stamp, so deterministic."""
+    image = nib.Nifti1Image(volume, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
+
+
+def _write_atomic(path: Path, content: bytes) -> None:
+    """Write ``content`` to a temporary file next to ``path`` and rename it into place."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(content)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _datalist(
+    training: list[dict[str, str]], validation: list[dict[str, str]], seed: int, spacing: float
+) -> dict[str, object]:
+    """The ``dataset.json`` content: MONAI datalist with a description of the data set."""
+    return {
+        "name": "prod9 brain MRI phantoms",
+        "description": "Synthetic multi-contrast brain MRI with tumours, deformed from the MNI152 2009 templates.",
+        "reference": "MNI152 2009 (ICBM 152 nonlinear symmetric 2009a) templates, as shipped by nilearn",
+        "tensorImageSize": "3D",
+        "modality": {str(i): key for i, key in enumerate(MODALITIES)},
+        "labels": {str(label): name for label, name in PHANTOM_LABELS.items()},
+        "seed": seed,
+        "spacing_mm": spacing,
+        "numTraining": len(training),
+        "numValidation": len(validation),
+        "training": training,
+        "validation": validation,
+    }
+
+
+def _load_volume(case_dir: Path, key: str) -> np.ndarray:
+    """The array of ``<case>/<case>_<key>.nii.gz``."""
+    image = nib.Nifti1Image.from_filename(case_dir / f"{case_dir.name}_{key}.nii.gz")
+    return np.asarray(image.dataobj)
+
+
+def _mid_planes(volume: np.ndarray, centre: np.ndarray) -> list[np.ndarray]:
+    """Axial, coronal and sagittal slices through ``centre`` of a RAS volume, oriented for display."""
+    x, y, z = centre
+    return [np.rot90(volume[:, :, z]), np.rot90(volume[:, y, :]), np.rot90(volume[x, :, :])]
