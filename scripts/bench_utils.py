@@ -6,7 +6,11 @@ ratio are measured in the same run.
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,20 +50,26 @@ def time_call(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> Ti
     return Timing(statistics.median(seconds), min(seconds), max(seconds), repeats)
 
 
-def _rss_growth_in_child(fn: Callable[[], object], queue) -> None:
-    import resource
+def _use_mmap_for_large_allocations() -> None:
+    """Make glibc hand large blocks (>= 64 KiB) back to the OS on free, so RSS follows what is really in use."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; fixing it also turns off glibc's dynamic threshold
+    except (OSError, AttributeError):
+        pass
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_memory_mib(fn: Callable[[], object]) -> float:
-    """Peak memory of one ``fn()`` call in MiB.
+def peak_memory_mib(fn: Callable[[], object], interval: float = 0.0005) -> float:
+    """Peak memory that one ``fn()`` call adds, in MiB.
 
-    On CUDA: the allocator's peak above what was allocated before the call. On CPU: the growth of the peak
-    resident set size while ``fn`` runs in a forked child process, so each workload is measured on its own and
-    earlier calls' high-water marks do not hide later ones.
+    On CUDA: the allocator's peak above what was allocated before the call. On CPU: the peak of the process's
+    resident set size, sampled every ``interval`` seconds by a background thread, above its size before the call
+    (large allocations are served by mmap so that freed memory leaves the resident set).
     """
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -68,15 +78,25 @@ def peak_memory_mib(fn: Callable[[], object]) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    import multiprocessing
+    _use_mmap_for_large_allocations()
+    gc.collect()
+    base = peak = _resident_bytes()
+    done = threading.Event()
 
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_rss_growth_in_child, args=(fn, queue))
-    child.start()
-    growth = queue.get()
-    child.join()
-    return growth
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _resident_bytes())
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return (max(peak, _resident_bytes()) - base) / 2**20
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

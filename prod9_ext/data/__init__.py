@@ -1,6 +1,7 @@
 """Data for prod9: BraTS datalists, MedMNIST 3D, the embedded brain phantoms, and the one preprocessing."""
 
 from prod9_ext.data.brats import BRATS_DATA_DIR_ENV, MODALITIES, load_brats_datalist
+from prod9_ext.data.datasets import DATASETS, image_keys, load_datalist, preprocessing
 from prod9_ext.data.medmnist3d import (
     MEDMNIST3D_FLAGS,
     MEDMNIST3D_SIZES,
@@ -20,6 +21,7 @@ from prod9_ext.data.transforms import ScaleIntensityMaskedPercentilesd, brats_tr
 
 __all__ = [
     "BRATS_DATA_DIR_ENV",
+    "DATASETS",
     "MEDMNIST3D_FLAGS",
     "MEDMNIST3D_SIZES",
     "MEDMNIST_DATA_DIR_ENV",
@@ -31,9 +33,12 @@ __all__ = [
     "ScaleIntensityMaskedPercentilesd",
     "brats_transforms",
     "generate_phantom_case",
+    "image_keys",
     "load_brats_datalist",
+    "load_datalist",
     "load_medmnist3d",
     "make_phantom_dataset",
     "medmnist_transforms",
+    "preprocessing",
     "save_phantom_preview",
 ]

@@ -1,0 +1,76 @@
+"""One entry point per data set, so a bundle switches between BraTS and MedMNIST 3D with a single ``dataset`` key."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from monai.transforms import Compose
+
+from prod9_ext.data.brats import MODALITIES, load_brats_datalist
+from prod9_ext.data.medmnist3d import load_medmnist3d
+from prod9_ext.data.transforms import brats_transforms, medmnist_transforms
+
+__all__ = ["DATASETS", "image_keys", "load_datalist", "preprocessing"]
+
+DATASETS = ("brats", "medmnist3d")
+
+_BRATS_SPLITS = {"training": "training", "validation": "validation", "all": "all"}
+_MEDMNIST_SPLITS = {"training": "train", "validation": "val", "test": "test"}
+
+
+def _check(dataset: str) -> None:
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}.")
+
+
+def image_keys(dataset: str, modalities: Sequence[str] = MODALITIES) -> list[str]:
+    """The keys of the images a batch holds: the BraTS ``modalities``, or ``["image"]`` for MedMNIST 3D."""
+    _check(dataset)
+    if dataset == "medmnist3d":
+        return ["image"]
+    unknown = [m for m in modalities if m not in MODALITIES]
+    if unknown or isinstance(modalities, str) or not modalities:
+        raise ValueError(f"modalities must be a non-empty list drawn from {list(MODALITIES)}, got {modalities!r}.")
+    return list(modalities)
+
+
+def load_datalist(
+    dataset: str,
+    dataset_dir: str | os.PathLike | None,
+    split: str = "training",
+    medmnist_flag: str = "organmnist3d",
+    medmnist_size: int = 28,
+    **kwargs,
+) -> Sequence[dict]:
+    """Cases of one split: BraTS file dicts (:func:`load_brats_datalist`) or MedMNIST 3D items.
+
+    Args:
+        dataset: ``"brats"`` or ``"medmnist3d"``.
+        dataset_dir: the data root (BraTS case folders, or the folder of the MedMNIST ``.npz`` files).
+        split: ``"training"``, ``"validation"`` (or ``"all"`` for BraTS, ``"test"`` for MedMNIST).
+        medmnist_flag, medmnist_size: which MedMNIST 3D set.
+        kwargs: passed to :func:`load_brats_datalist` (``val_fraction``, ``seed``, ``fold``, ...).
+    """
+    _check(dataset)
+    splits = _BRATS_SPLITS if dataset == "brats" else _MEDMNIST_SPLITS
+    if split not in splits:
+        raise ValueError(f"split must be one of {list(splits)} for {dataset}, got {split!r}.")
+    if dataset == "brats":
+        return load_brats_datalist(dataset_dir, split=splits[split], **kwargs)  # type: ignore[arg-type]
+    return load_medmnist3d(medmnist_flag, split=splits[split], size=medmnist_size, dataset_dir=dataset_dir)  # type: ignore[arg-type]
+
+
+def preprocessing(
+    dataset: str,
+    modalities: Sequence[str] = MODALITIES,
+    roi_size: Sequence[int] | None = None,
+    pixdim: Sequence[float] | None = (2.0, 2.0, 2.0),
+    train: bool = False,
+    seg: bool = False,
+) -> Compose:
+    """The one preprocessing of ``dataset`` (:func:`brats_transforms` or :func:`medmnist_transforms`)."""
+    _check(dataset)
+    if dataset == "medmnist3d":
+        return medmnist_transforms(roi_size=roi_size, train=train)
+    return brats_transforms(image_keys(dataset, modalities), roi_size=roi_size, pixdim=pixdim, train=train, seg=seg)

@@ -1,0 +1,135 @@
+"""Stage-1 benchmark tables: the cost of FSQ over MAISI's KL autoencoder, and sliding-window scaling."""
+
+from __future__ import annotations
+
+import torch
+from bench_utils import markdown_table, peak_memory_mib, time_call
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+from prod9_ext import AutoencoderFSQ, AutoencoderInferenceWrapper, SlidingWindowConfig
+
+# The same encoder/decoder for both sides of every ratio.
+NETWORK = dict(
+    spatial_dims=3,
+    in_channels=1,
+    out_channels=1,
+    num_channels=(16, 32, 32),
+    num_res_blocks=(1, 1, 1),
+    attention_levels=(False, False, False),
+    norm_num_groups=8,
+    num_splits=1,
+    save_mem=False,
+)
+FSQ_LEVELS = (8, 5, 5, 5)
+
+
+def _networks(device: torch.device) -> tuple[AutoencoderFSQ, AutoencoderKlMaisi]:
+    torch.manual_seed(0)
+    fsq = AutoencoderFSQ(**NETWORK, fsq_levels=FSQ_LEVELS).to(device)  # type: ignore[arg-type]
+    kl = AutoencoderKlMaisi(**NETWORK, latent_channels=len(FSQ_LEVELS)).to(device)  # type: ignore[arg-type]
+    return fsq, kl
+
+
+def _fsq_step(model: AutoencoderFSQ, x: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    reconstruction, _, _ = model(x)
+    torch.nn.functional.l1_loss(reconstruction, x).backward()
+
+
+def _kl_step(model: AutoencoderKlMaisi, x: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    reconstruction, z_mu, z_sigma = model(x)
+    kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-8) - 1).mean()
+    (torch.nn.functional.l1_loss(reconstruction, x) + 1e-6 * kl).backward()
+
+
+def autoencoder_overhead(size: int = 64, batch_size: int = 1, repeats: int = 5) -> tuple[str, dict]:
+    """Forward+backward time and peak memory: AutoencoderFSQ against AutoencoderKlMaisi, same encoder/decoder."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fsq, kl = _networks(device)
+    x = torch.rand(batch_size, 1, size, size, size, device=device)
+    # interleave the two sides so that machine drift hits both alike
+    kl_time = time_call(lambda: _kl_step(kl, x), repeats=repeats)
+    fsq_time = time_call(lambda: _fsq_step(fsq, x), repeats=repeats)
+    kl_mem = peak_memory_mib(lambda: _kl_step(kl, x))
+    fsq_mem = peak_memory_mib(lambda: _fsq_step(fsq, x))
+    rows = [
+        ["MONAI AutoencoderKlMaisi (KL)", str(kl_time), f"{kl_mem:.0f}", "1.00", "1.00"],
+        [
+            "prod9 AutoencoderFSQ",
+            str(fsq_time),
+            f"{fsq_mem:.0f}",
+            f"{fsq_time.median / kl_time.median:.3f}",
+            f"{fsq_mem / kl_mem:.3f}",
+        ],
+    ]
+    table = markdown_table(
+        [f"fwd+bwd, batch {batch_size}×1×{size}³", "seconds median [min, max]", "peak MiB", "time ratio", "mem ratio"],
+        rows,
+    )
+    results = {
+        "input": [batch_size, 1, size, size, size],
+        "kl": {"seconds": kl_time.__dict__, "peak_mib": kl_mem},
+        "fsq": {"seconds": fsq_time.__dict__, "peak_mib": fsq_mem},
+        "time_ratio": fsq_time.median / kl_time.median,
+        "memory_ratio": fsq_mem / kl_mem,
+    }
+    return table, results
+
+
+def _num_windows(shape: tuple[int, ...], roi: int, overlap: float, factor: int) -> int:
+    step = int(roi * (1 - overlap))
+    count = 1
+    for size in shape:
+        padded = -(-size // factor) * factor
+        count *= 1 if padded <= roi else -(-(padded - roi) // step) + 1
+    return count
+
+
+def sliding_window_scaling(
+    roi: int = 64,
+    overlap: float = 0.25,
+    shapes: tuple[tuple[int, int, int], ...] = ((64, 64, 64), (128, 128, 128), (240, 240, 155)),
+    repeats: int = 1,
+) -> tuple[str, dict]:
+    """Sliding-window encode+decode time and peak memory against volume size; ratios to one ROI window."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fsq, _ = _networks(device)
+    wrapper = AutoencoderInferenceWrapper(fsq.eval(), SlidingWindowConfig((roi,) * 3, overlap=overlap))
+
+    def run(shape: tuple[int, ...]) -> None:
+        with torch.no_grad():
+            wrapper.reconstruct(torch.rand(1, 1, *shape, device=device))
+
+    rows, results = [], []
+    base_time = base_mem = None
+    for shape in shapes:
+        seconds = time_call(lambda shape=shape: run(shape), repeats=repeats)
+        memory = peak_memory_mib(lambda shape=shape: run(shape))
+        windows = _num_windows(shape, roi, overlap, fsq.downsampling_factor)
+        if base_time is None:
+            base_time, base_mem = seconds.median, memory
+        assert base_mem is not None
+        rows.append(
+            [
+                "×".join(map(str, shape)),
+                windows,
+                str(seconds),
+                f"{seconds.median / base_time:.1f}",
+                f"{memory:.0f}",
+                f"{memory / base_mem:.2f}",
+            ]
+        )
+        results.append({"shape": shape, "windows": windows, "seconds": seconds.__dict__, "peak_mib": memory})
+    table = markdown_table(
+        [
+            f"volume (roi {roi}³, overlap {overlap})",
+            "windows",
+            "encode+decode s median [min, max]",
+            "time / one window",
+            "peak MiB",
+            "mem / one window",
+        ],
+        rows,
+    )
+    return table, {"roi": roi, "overlap": overlap, "rows": results}

@@ -1,0 +1,130 @@
+"""The autoencoder_fsq bundle through its real command line: train, resume, properties."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import AUTOENCODER_BUNDLE, REPO, TINY_AUTOENCODER, run_bundle
+from monai.bundle import ConfigWorkflow
+
+from prod9_ext import AutoencoderFSQ
+
+
+def _outputs(tmp_path: Path) -> list[str]:
+    return ["--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]
+
+
+def _epoch_metrics(log: str) -> dict[int, dict[str, float]]:
+    found = {}
+    for epoch, metrics in re.findall(r"Epoch\[(\d+)\] Metrics -- (.*)", log):
+        found[int(epoch)] = {k: float(v) for k, v in re.findall(r"(\w+): ([-\d.naif]+)", metrics)}
+    return found
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, phantom_dir: Path) -> tuple[Path, str]:
+    """Two epochs of tiny stage-1 training on the phantoms, validating after each."""
+    out = tmp_path_factory.mktemp("autoencoder_run")
+    result = run_bundle(
+        AUTOENCODER_BUNDLE,
+        ["train.json"],
+        *TINY_AUTOENCODER,
+        *_outputs(out),
+        "--dataset_dir", str(phantom_dir),
+        "--max_epochs", "2",
+        "--val_interval", "1",
+    )  # fmt: skip
+    return out, result.stdout + result.stderr
+
+
+def test_train_writes_model_checkpoint_metrics_and_pictures(trained: tuple[Path, str]) -> None:
+    out, log = trained
+    assert (out / "models" / "model.pt").is_file()
+    assert (out / "models" / "checkpoint_epoch=2.pt").is_file()
+    assert not (out / "models" / "checkpoint_epoch=1.pt").exists()  # n_saved=1: only the newest is kept
+    assert sorted(p.name for p in (out / "eval").glob("reconstruction_epoch*.png")) == [
+        "reconstruction_epoch1.png",
+        "reconstruction_epoch2.png",
+    ]
+    assert list((out / "eval").glob("events.out.tfevents*"))
+    metrics = _epoch_metrics(log)
+    assert set(metrics) == {1, 2}
+    for values in metrics.values():
+        assert {"val_ssim", "val_psnr", "val_codebook_usage", "val_codebook_perplexity"} <= set(values)
+        assert 0 < values["val_codebook_usage"] <= 1
+        assert 1 <= values["val_codebook_perplexity"] <= 1000
+
+
+def test_model_pt_is_a_plain_state_dict_of_the_network(trained: tuple[Path, str]) -> None:
+    out, _ = trained
+    state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
+    model = AutoencoderFSQ(num_channels=(8, 16, 16), num_res_blocks=(1, 1, 1), norm_num_groups=8)
+    model.load_state_dict(state)
+    checkpoint = torch.load(out / "models" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=False)
+    assert {"network", "optimizer", "discriminator", "d_optimizer", "trainer"} <= set(checkpoint)
+    assert checkpoint["trainer"]["iteration"] == 4  # 2 epochs of 2 iterations
+
+
+def test_discriminator_trained_after_warm_up(trained: tuple[Path, str]) -> None:
+    out, _ = trained
+    checkpoint = torch.load(out / "models" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=False)
+    # 4 training cases, batch 2 -> 2 iterations per epoch; warm-up 2 -> the discriminator stepped twice
+    steps = {int(s["step"]) for s in checkpoint["d_optimizer"]["state"].values()}
+    assert steps == {2}
+    assert {int(s["step"]) for s in checkpoint["optimizer"]["state"].values()} == {4}
+
+
+def test_resume_after_kill_mid_training(tmp_path: Path, phantom_dir: Path) -> None:
+    """SIGKILL a run after its first epoch's checkpoint; --resume true finishes from there."""
+    configs = f"['{AUTOENCODER_BUNDLE / 'configs' / 'train.json'}']"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs]
+    common = [
+        "--bundle_root", str(AUTOENCODER_BUNDLE), *TINY_AUTOENCODER, *_outputs(tmp_path),
+        "--dataset_dir", str(phantom_dir), "--max_epochs", "4", "--val_interval", "2",
+    ]  # fmt: skip
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    process = subprocess.Popen(command + common, cwd=AUTOENCODER_BUNDLE, env=env, stdout=subprocess.DEVNULL)
+    first = tmp_path / "models" / "checkpoint_epoch=1.pt"
+    deadline = time.monotonic() + 300
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.exists(), "the first epoch never finished"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "models" / "checkpoint_epoch=4.pt").exists()
+
+    result = run_bundle(AUTOENCODER_BUNDLE, ["train.json"], *common[2:], "--resume", "true")
+    log = result.stdout + result.stderr
+    assert (tmp_path / "models" / "checkpoint_epoch=4.pt").is_file()
+    restored = torch.load(tmp_path / "models" / "checkpoint_epoch=4.pt", map_location="cpu", weights_only=False)
+    assert restored["trainer"]["iteration"] == 8  # 2 iterations per epoch, no epoch run twice or skipped
+    assert set(_epoch_metrics(log)) <= {2, 4}
+
+
+def test_resume_without_checkpoint_is_one_clear_error(tmp_path: Path, phantom_dir: Path) -> None:
+    configs = f"['{AUTOENCODER_BUNDLE / 'configs' / 'train.json'}']"
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs]
+    arguments = ["--bundle_root", str(AUTOENCODER_BUNDLE), *TINY_AUTOENCODER, *_outputs(tmp_path)]
+    arguments += ["--dataset_dir", str(phantom_dir), "--resume", "true"]
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(command + arguments, cwd=AUTOENCODER_BUNDLE, env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "holds no checkpoint_epoch=N.pt checkpoint" in result.stderr
+
+
+def test_train_properties(phantom_dir: Path) -> None:
+    workflow = ConfigWorkflow(
+        config_file=str(AUTOENCODER_BUNDLE / "configs" / "train.json"),
+        workflow_type="train",
+        bundle_root=str(AUTOENCODER_BUNDLE),
+        dataset_dir=str(phantom_dir),
+    )
+    workflow.initialize()
+    assert workflow.check_properties() in (None, [])
