@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench_stage1  # noqa: E402
+import bench_stage1
 
 GROUPS: dict[str, list[tuple[str, Callable[[], tuple[str, dict]]]]] = {
     "stage1": [
@@ -35,7 +35,8 @@ def machine() -> str:
     """A one-line description of where the figures come from."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU {cpu} ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def main(only: str | None = None, output: str = "benchmarks/results.json", threads: int = 2) -> None:

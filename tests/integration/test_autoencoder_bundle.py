@@ -119,12 +119,14 @@ def test_resume_without_checkpoint_is_one_clear_error(tmp_path: Path, phantom_di
     assert "holds no checkpoint_epoch=N.pt checkpoint" in result.stderr
 
 
-def test_train_properties(phantom_dir: Path) -> None:
+def test_train_properties(tmp_path: Path, phantom_dir: Path) -> None:
     workflow = ConfigWorkflow(
         config_file=str(AUTOENCODER_BUNDLE / "configs" / "train.json"),
         workflow_type="train",
         bundle_root=str(AUTOENCODER_BUNDLE),
         dataset_dir=str(phantom_dir),
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"),
     )
     workflow.initialize()
     assert workflow.check_properties() in (None, [])
