@@ -8,12 +8,14 @@ from prod9_ext.engines.autoencoder_evaluation import (
 )
 from prod9_ext.engines.autoencoder_training import AutoencoderGanIteration, StackModalities, build_perceptual_loss
 from prod9_ext.engines.checkpoints import AtomicCheckpointSaver, latest_checkpoint
+from prod9_ext.engines.metrics_json import MetricsJsonWriter
 
 __all__ = [
     "AtomicCheckpointSaver",
     "AutoencoderGanIteration",
     "AutoencoderSlidingWindowInferer",
     "CodebookUsage",
+    "MetricsJsonWriter",
     "ReconstructionSnapshot",
     "StackModalities",
     "autoencoder_eval_iteration",

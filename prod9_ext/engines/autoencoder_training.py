@@ -46,6 +46,15 @@ class StackModalities:
         images = images.to(device=device, non_blocking=non_blocking, **kwargs)
         return images, images
 
+    def item_names(self, batchdata: dict[str, Any] | Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+        """``[{"filename_or_obj": "<case>_<key>"}, ...]`` in the stacked order, e.g. for ``MetricsSaver``."""
+        items = [batchdata] if isinstance(batchdata, dict) else list(batchdata)
+        if len(items) == 1 and isinstance(items[0].get("case"), (list, tuple)):  # collated, not decollated
+            cases = [str(case) for case in items[0]["case"]]
+        else:
+            cases = [str(item.get("case", index)) for index, item in enumerate(items)]
+        return [{"filename_or_obj": f"{case}_{key}"} for key in self.keys for case in cases]
+
 
 def build_perceptual_loss(weight: float, network_type: str = "squeeze", spatial_dims: int = 3) -> nn.Module | None:
     """MONAI ``PerceptualLoss`` when ``weight > 0``, else ``None``.

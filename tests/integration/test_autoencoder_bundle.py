@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -130,3 +131,26 @@ def test_train_properties(tmp_path: Path, phantom_dir: Path) -> None:
     )
     workflow.initialize()
     assert workflow.check_properties() in (None, [])
+
+
+def test_evaluate_writes_per_case_and_mean_metrics(
+    trained: tuple[Path, str], phantom_dir: Path, tmp_path: Path
+) -> None:
+    out, _ = trained
+    run_bundle(
+        AUTOENCODER_BUNDLE,
+        ["train.json", "evaluate.json"],
+        *TINY_AUTOENCODER,
+        "--ckpt_dir", str(out / "models"),
+        "--output_dir", str(tmp_path),
+        "--dataset_dir", str(phantom_dir),
+    )  # fmt: skip
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"val_ssim", "val_psnr", "val_codebook_usage", "val_codebook_perplexity"} <= set(summary["mean"])
+    # one validation case, four modalities, each scored on its own
+    assert sorted(summary["per_item"]) == [f"Phantom_00004_{m}" for m in ("flair", "t1", "t1ce", "t2")]
+    psnr = [item["val_psnr"] for item in summary["per_item"].values()]
+    assert abs(sum(psnr) / len(psnr) - summary["mean"]["val_psnr"]) < 1e-3
+    assert (tmp_path / "metrics.csv").is_file()
+    raw = (tmp_path / "val_psnr_raw.csv").read_text()
+    assert "Phantom_00004_t2" in raw

@@ -1,0 +1,166 @@
+"""Stage-1 inference I/O: the input file list, an evaluator iteration that runs the postprocessing, token grids out.
+
+``bundles/autoencoder_fsq/configs/inference.json`` reads NIfTI files named by :func:`inference_datalist`,
+reconstructs them with :func:`autoencoder_inference_iteration` and, with ``save_tokens``, writes each token grid
+with :class:`SaveTokensd` as ``<name>_tokens.npz``::
+
+    indices              int16 (int32 for codebooks over 32767 codes) [h, w, d], values in [0, prod(fsq_levels))
+    fsq_levels           int64 [len(levels)]
+    grid_shape           int64 [3], == indices.shape == ceil(spatial_shape / downsampling_factor)
+    spatial_shape        int64 [3], the preprocessed image the tokens encode (decode, then crop to it)
+    affine               float64 [4, 4], voxel -> world (RAS mm) of that preprocessed image grid
+    downsampling_factor  int, image voxels per token along each axis
+    roi_size             int64 [3], the sliding-window ROI the tokens were made with
+    source_file          str, the input file
+
+Token ``(i, j, k)`` covers the image voxels ``[i*f, (i+1)*f) x ...`` of the preprocessed grid.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.engines import SupervisedEvaluator
+from monai.engines.utils import IterationEvents
+from monai.transforms import MapTransform
+from monai.utils import CommonKeys as Keys
+
+from prod9_ext.engines.autoencoder_evaluation import AutoencoderSlidingWindowInferer
+
+__all__ = ["SaveTokensd", "autoencoder_inference_iteration", "inference_datalist"]
+
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def inference_datalist(input_files: str | Sequence[str], key: str = "image") -> list[dict[str, str]]:
+    """``[{key: path}, ...]`` for a glob pattern (sorted matches) or a list of paths (kept in order).
+
+    Raises:
+        FileNotFoundError: naming the pattern that matches nothing or every listed file that does not exist, before
+            any volume is processed.
+    """
+    if isinstance(input_files, (str, os.PathLike)):
+        pattern = os.fspath(input_files)
+        paths = sorted(glob.glob(pattern, recursive=True))
+        if not paths:
+            raise FileNotFoundError(f"input_files: no file matches {pattern!r}.")
+    else:
+        paths = [os.fspath(p) for p in input_files]
+        if not paths:
+            raise FileNotFoundError("input_files is an empty list.")
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"input_files: no such file: {', '.join(missing)}")
+    return [{key: os.path.abspath(p)} for p in paths]
+
+
+def autoencoder_inference_iteration(engine: SupervisedEvaluator, batchdata: dict[str, Any]) -> list | dict:
+    """``iteration_update`` of the stage-1 inference evaluator: ``pred`` (reconstruction) and ``tokens``.
+
+    Unlike MONAI's default iteration, a custom ``iteration_update`` does not fire ``FORWARD_COMPLETED`` and
+    ``MODEL_COMPLETED`` by itself, and without them the evaluator never decollates the batch nor runs its
+    ``postprocessing``. This one fires them, so ``Invertd`` / ``SaveImaged`` / :class:`SaveTokensd` run per volume.
+    """
+    if not isinstance(engine.inferer, AutoencoderSlidingWindowInferer):
+        raise TypeError(f"the evaluator's inferer must be AutoencoderSlidingWindowInferer, got {engine.inferer!r}.")
+    inputs = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[0]
+    with engine.mode(engine.network), torch.autocast("cuda", enabled=engine.amp, **engine.amp_kwargs):
+        reconstruction, indices = engine.inferer.encode_decode(inputs, engine.network)
+    engine.state.output = {Keys.IMAGE: inputs, Keys.PRED: reconstruction.float(), "tokens": indices}
+    engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+    engine.fire_event(IterationEvents.MODEL_COMPLETED)
+    return engine.state.output
+
+
+def _stem(filename: str) -> str:
+    name = os.path.basename(filename)
+    for suffix in _NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+class SaveTokensd(MapTransform):
+    """Postprocessing transform: write the token grid of each volume as ``<output_dir>/<name>_tokens.npz``.
+
+    ``<name>`` is the input file's name without ``.nii.gz`` / ``.nii``, as ``SaveImaged`` names the reconstruction.
+    The file is written to a temporary name and renamed, so a reader never sees half a file. See the module
+    docstring for the arrays it holds.
+
+    Args:
+        keys: key of the token grid ``[h, w, d]`` (one volume, after the evaluator's decollate).
+        image_key: key of the preprocessed image (a MetaTensor): its affine, shape and source file name.
+        output_dir: folder of the ``.npz`` files (created when missing).
+        fsq_levels: the autoencoder's FSQ levels.
+        downsampling_factor: image voxels per token along each axis.
+        roi_size: the sliding-window ROI of the inferer.
+        output_postfix: suffix after ``<name>_``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str,
+        output_dir: str | os.PathLike,
+        fsq_levels: Sequence[int],
+        downsampling_factor: int,
+        roi_size: Sequence[int],
+        output_postfix: str = "tokens",
+    ) -> None:
+        super().__init__(keys)
+        self.image_key = image_key
+        self.output_dir = Path(output_dir)
+        self.fsq_levels = np.asarray(fsq_levels, dtype=np.int64)
+        self.downsampling_factor = int(downsampling_factor)
+        self.roi_size = np.asarray(roi_size, dtype=np.int64)
+        self.output_postfix = output_postfix
+        codebook_size = int(np.prod(self.fsq_levels))
+        self.index_dtype = np.int16 if codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d[self.image_key]
+        if not isinstance(image, MetaTensor):
+            raise TypeError(f"{self.image_key!r} must be a MetaTensor with the preprocessed image's metadata.")
+        source = str(image.meta.get("filename_or_obj", "volume"))
+        spatial_shape = np.asarray(image.shape[1:], dtype=np.int64)
+        for key in self.key_iterator(d):
+            indices = torch.as_tensor(d[key]).detach().cpu().numpy()
+            grid_shape = np.asarray(indices.shape, dtype=np.int64)
+            expected = -(-spatial_shape // self.downsampling_factor)
+            if not np.array_equal(grid_shape, expected):
+                raise ValueError(
+                    f"token grid {grid_shape.tolist()} does not match image {spatial_shape.tolist()} / "
+                    f"{self.downsampling_factor} (expected {expected.tolist()}); pass one volume, not a batch."
+                )
+            self._write(
+                self.output_dir / f"{_stem(source)}_{self.output_postfix}.npz",
+                indices=indices.astype(self.index_dtype),
+                fsq_levels=self.fsq_levels,
+                grid_shape=grid_shape,
+                spatial_shape=spatial_shape,
+                affine=np.asarray(image.affine.detach().cpu(), dtype=np.float64),
+                downsampling_factor=np.asarray(self.downsampling_factor),
+                roi_size=self.roi_size,
+                source_file=np.asarray(source),
+            )
+        return d
+
+    @staticmethod
+    def _write(path: Path, **arrays: np.ndarray) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(temporary, "wb") as file:
+                np.savez_compressed(file, **arrays)  # type: ignore[arg-type]
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
