@@ -12,6 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.engines import SupervisedEvaluator
+from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer
 from monai.utils import CommonKeys as Keys
 from torch import nn
@@ -58,6 +59,8 @@ def autoencoder_eval_iteration(engine: SupervisedEvaluator, batchdata: dict[str,
         reconstruction, indices = engine.inferer.encode_decode(inputs, engine.network)
     output = {Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: reconstruction.float(), "tokens": indices}
     engine.state.output = output
+    engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+    engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates and post-processes on this event
     return output
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
 from monai.losses import PatchAdversarialLoss, SSIMLoss
 from monai.utils import CommonKeys as Keys
 from torch import nn
@@ -154,6 +155,7 @@ class AutoencoderGanIteration:
         self.discriminator.requires_grad_(False)
         with torch.autocast("cuda", enabled=engine.amp, **engine.amp_kwargs):
             reconstruction, _, indices = engine.network(inputs)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         rec_loss = self.reconstruction_loss(reconstruction, targets)
         output: dict[str, Any] = {Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: reconstruction, "tokens": indices}
         loss = rec_loss
@@ -161,7 +163,8 @@ class AutoencoderGanIteration:
             g_loss = self.adv_loss(
                 self._logits(_unwrap(self.discriminator), reconstruction), target_is_real=True, for_discriminator=False
             )
-            last_layer = [p for p in _unwrap(engine.network).decoder.parameters() if p.ndim > 2][-1]
+            decoder = _unwrap(engine.network).get_submodule("decoder")
+            last_layer = [p for p in decoder.parameters() if p.ndim > 2][-1]
             weight = self.adaptive_weight(rec_loss, g_loss, last_layer)
             loss = rec_loss + self.adv_weight * weight * g_loss
             output.update(g_adv_loss=g_loss.detach(), adaptive_weight=weight)
@@ -173,6 +176,7 @@ class AutoencoderGanIteration:
         else:
             loss.backward()
             engine.optimizer.step()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         output.update({Keys.LOSS: loss.detach(), "rec_loss": rec_loss.detach()})
 
         if adversarial:
@@ -187,4 +191,5 @@ class AutoencoderGanIteration:
             self.d_optimizer.step()
             output["d_loss"] = d_loss.detach()
         engine.state.output = output
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates and post-processes on this event
         return output
