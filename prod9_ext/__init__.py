@@ -6,11 +6,18 @@ grid with a MaskGiT transformer conditioned on source modalities, a class label,
 
 from prod9_ext.autoencoder import AutoencoderFSQ
 from prod9_ext.fsq import FiniteScalarQuantizer
+from prod9_ext.maskgit import MaskGiTSampler, MaskGiTScheduler
 from prod9_ext.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
+from prod9_ext.transformer import AdaLNZeroBlock, SinCosPosEmbed, TransformerDecoder
 
 __all__ = [
+    "AdaLNZeroBlock",
     "AutoencoderFSQ",
     "AutoencoderInferenceWrapper",
     "FiniteScalarQuantizer",
+    "MaskGiTSampler",
+    "MaskGiTScheduler",
+    "SinCosPosEmbed",
     "SlidingWindowConfig",
+    "TransformerDecoder",
 ]

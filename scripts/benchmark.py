@@ -21,12 +21,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_sampling
 import bench_stage1
 
 GROUPS: dict[str, list[tuple[str, Callable[[], tuple[str, dict]]]]] = {
     "stage1": [
         ("AutoencoderFSQ against MAISI's KL autoencoder (same encoder/decoder)", bench_stage1.autoencoder_overhead),
         ("Sliding-window encode+decode against volume size", bench_stage1.sliding_window_scaling),
+    ],
+    "sampling": [
+        (
+            "MaskGiT sampling against MONAI's autoregressive transformer (same width and depth)",
+            bench_sampling.sampling_table,
+        ),
     ],
 }
 

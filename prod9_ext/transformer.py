@@ -1,0 +1,331 @@
+"""Bidirectional transformer that predicts the masked tokens of a target modality's token grid.
+
+The network follows DiT (AdaLN-Zero conditioning) and nanoGPT (attention, MLP and block kept short, weight init in
+one place). Three choices are specific to 3D token grids:
+
+- **Patches of tokens.** Attention cost decides the speed of MaskGiT in 3D, so a sequence position is a ``p³``
+  patch of the token grid: it embeds its ``p³`` tokens (masked ones included) and predicts ``p³ × V`` logits.
+  Masking and sampling stay per token; only the network sees patches.
+- **Per-axis sin-cos positions** over the patch grid, so neighbours along any axis have similar embeddings.
+- **Aligned source grids.** The token grids of the available source modalities share the target's grid, so they
+  are embedded patch by patch and added to the target's embeddings: the sequence length does not grow with the
+  number of sources, and any subset of sources (including none) is the same network.
+
+Token order: logits ``[B, N, V]`` with ``N = h * w * d`` follow the raster order of the token grid, exactly
+``tokens.flatten(1)`` for ``tokens`` of shape ``[B, h, w, d]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Adaptive layer-norm modulation: ``x [B, L, D]`` scaled and shifted per sample by ``[B, D]`` vectors."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class SinCosPosEmbed(nn.Module):
+    """Fixed 3D sin-cos positional embedding added to a sequence over a ``grid_shape`` grid in raster order.
+
+    The channels are split across the three axes (as evenly as possible, an even number each): the first
+    ``axis_dims[0]`` channels encode the first coordinate only, the next ``axis_dims[1]`` the second, the rest the
+    third. Encoding each axis on its own (rather than the flattened index) keeps neighbours along every axis close.
+    """
+
+    def __init__(self, dim: int, grid_shape: Sequence[int]) -> None:
+        super().__init__()
+        if dim % 2 or dim < 6:
+            raise ValueError(f"dim must be even and at least 6 to share sin-cos pairs among 3 axes, got {dim}")
+        if len(grid_shape) != 3:
+            raise ValueError(f"grid_shape must have 3 entries, got {tuple(grid_shape)}")
+        pairs = [dim // 2 // 3 + (1 if i < (dim // 2) % 3 else 0) for i in range(3)]
+        self.axis_dims = tuple(2 * n for n in pairs)
+        coords = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in grid_shape), indexing="ij")
+        parts = [self._encode_axis(c.flatten(), n) for c, n in zip(coords, self.axis_dims, strict=True)]
+        self.register_buffer("embedding", torch.cat(parts, dim=1).float(), persistent=False)
+        self.embedding: torch.Tensor
+
+    @staticmethod
+    def _encode_axis(positions: torch.Tensor, dim: int) -> torch.Tensor:
+        """``[L]`` coordinates → ``[L, dim]``: sines then cosines at ``dim / 2`` geometric frequencies."""
+        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+        angles = positions[:, None] * omega[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, L, dim]`` with ``L = prod(grid_shape)`` → ``x + embedding``."""
+        return x + self.embedding
+
+
+class PatchEmbed(nn.Module):
+    """Embeds each ``p³`` patch of a token grid ``[B, h, w, d]`` → ``[B, L, dim]`` with ``L = h*w*d / p³``.
+
+    Every slot of the patch has its own table of ``vocab_size + 1`` rows (the last row is the mask id), and a
+    patch's embedding is the sum over its slots: the same as one-hot encoding the ``p³`` tokens, concatenating
+    and projecting linearly, without materialising the one-hots (``embedding_bag`` sums without a ``p³`` copy).
+    """
+
+    def __init__(self, vocab_size: int, dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        slots = patch_size**3
+        self.table = nn.Embedding(slots * (vocab_size + 1), dim)
+        self.register_buffer("offsets", torch.arange(slots) * (vocab_size + 1), persistent=False)
+        self.offsets: torch.Tensor
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = patchify(tokens, self.patch_size) + self.offsets
+        return F.embedding_bag(rows.flatten(0, 1), self.table.weight, mode="sum").unflatten(0, rows.shape[:2])
+
+
+def patchify(tokens: torch.Tensor, p: int) -> torch.Tensor:
+    """``[B, h, w, d]`` → ``[B, L, p³]``: patches in raster order of the patch grid, tokens in raster order inside."""
+    b, h, w, d = tokens.shape
+    x = tokens.reshape(b, h // p, p, w // p, p, d // p, p).permute(0, 1, 3, 5, 2, 4, 6)
+    return x.reshape(b, (h // p) * (w // p) * (d // p), p**3)
+
+
+def unpatchify(x: torch.Tensor, grid_shape: Sequence[int], p: int) -> torch.Tensor:
+    """``[B, L, p³ * V]`` → ``[B, h*w*d, V]`` in raster order of the token grid (the inverse of ``patchify``)."""
+    h, w, d = grid_shape
+    b = x.shape[0]
+    x = x.reshape(b, h // p, w // p, d // p, p, p, p, -1).permute(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(b, h * w * d, -1)
+
+
+class SelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention with ``scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, dim = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, n, dim)))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class AdaLNZeroBlock(nn.Module):
+    """DiT block: attention and MLP, each behind a layer norm modulated by ``c`` and a gate computed from ``c``.
+
+    The gates come out of a zero-initialised linear layer, so a fresh block is the identity: ``block(x, c) == x``.
+    """
+
+    def __init__(self, hidden_dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(hidden_dim, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(hidden_dim, ffn_dim, dropout)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 6 * hidden_dim))
+        self.apply(init_weights)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``x [B, L, D]``, ``c [B, D]`` → ``[B, L, D]``."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """Modulated layer norm and a zero-initialised projection to ``out_dim`` logits per position."""
+
+    def __init__(self, hidden_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 2 * hidden_dim))
+        self.linear = nn.Linear(hidden_dim, out_dim)
+        self.apply(init_weights)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+def init_weights(module: nn.Module) -> None:
+    """The one place where weights are initialised; ``module.apply(init_weights)`` visits children first.
+
+    Linear layers: Xavier-uniform with zero bias; embeddings: normal with std 0.02 (as in DiT and nanoGPT). Then
+    AdaLN-Zero: every gate and the output projection start at zero, so each block starts as the identity and the
+    network's first prediction is uniform over the vocabulary.
+    """
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+    elif isinstance(module, AdaLNZeroBlock | FinalLayer):
+        zeroed = [*module.adaLN_modulation.parameters()]
+        if isinstance(module, FinalLayer):
+            zeroed += module.linear.parameters()
+        for param in zeroed:
+            nn.init.zeros_(param)
+
+
+class TransformerDecoder(nn.Module):
+    """Masked-token transformer for a ``latent_shape`` token grid, conditioned on modality, sources and class.
+
+    Args:
+        num_layers: number of AdaLN-Zero blocks.
+        hidden_dim: width (even, divisible by ``num_heads``).
+        num_heads: attention heads.
+        ffn_dim: hidden width of each block's MLP.
+        vocab_size: ``V``, the codebook size; tokens are in ``[0, V)`` and ``V`` is the mask id.
+        latent_shape: ``(h, w, d)`` of the token grid, each divisible by ``patch_size``.
+        num_modalities: modality ids are ``0 .. num_modalities - 1`` (BraTS: T1, T1ce, T2, FLAIR).
+        num_classes: class labels ``0 .. num_classes - 1`` (0: no class conditioning); the extra index
+            ``num_classes`` is the "null class" used when the label is absent or dropped.
+        patch_size: ``p``; each sequence position covers ``p³`` tokens (1 for small grids, 2 at 16³ and above).
+        dropout: dropout on embeddings, attention weights and residual branches.
+
+    The target tokens and each source grid have their own patch embedding (a source token is context of a known
+    modality, a target token is either known or masked, so their roles differ). Each source's embedding plus its
+    modality embedding goes through a small MLP before the sources are averaged: the non-linearity keeps "T1 says
+    a, T2 says b" apart from "T1 says b, T2 says a", which a plain sum of embeddings would confuse. The average is
+    added to the target's embeddings; with no source present a learned "no source" vector is added instead.
+    The conditioning vector ``c`` (target modality, plus class when ``num_classes > 0``) drives every block's
+    AdaLN-Zero modulation, so the network is always told which modality to produce.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        hidden_dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        vocab_size: int,
+        latent_shape: Sequence[int],
+        num_modalities: int,
+        num_classes: int = 0,
+        patch_size: int = 1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be at least 1, got {patch_size}")
+        if len(latent_shape) != 3 or any(n < 1 or n % patch_size for n in latent_shape):
+            raise ValueError(f"latent_shape must be 3 sizes divisible by patch_size {patch_size}, got {latent_shape}")
+        if min(vocab_size, num_modalities, num_classes + 1) < 1:
+            sizes = f"vocab_size={vocab_size}, num_modalities={num_modalities}, num_classes={num_classes}"
+            raise ValueError(f"vocab_size and num_modalities must be >= 1, num_classes >= 0; got {sizes}")
+        self.vocab_size = vocab_size
+        self.latent_shape = tuple(int(n) for n in latent_shape)
+        self.patch_size = patch_size
+        self.num_modalities = num_modalities
+        self.num_classes = num_classes
+
+        # Sequence inputs: target tokens, aligned source grids (mixed per modality), fixed positions.
+        self.token_embed = PatchEmbed(vocab_size, hidden_dim, patch_size)
+        self.source_embed = PatchEmbed(vocab_size, hidden_dim, patch_size)
+        self.source_modality_embed = nn.Embedding(num_modalities, hidden_dim)
+        self.source_mixer = MLP(hidden_dim, hidden_dim, dropout)
+        self.no_source = nn.Parameter(torch.zeros(hidden_dim))
+        self.pos_embed = SinCosPosEmbed(hidden_dim, [n // patch_size for n in self.latent_shape])
+        self.drop = nn.Dropout(dropout)
+        # Conditioning vector c: which modality to produce, and the class (last row: null class).
+        self.target_modality_embed = nn.Embedding(num_modalities, hidden_dim)
+        self.class_embed = nn.Embedding(num_classes + 1, hidden_dim) if num_classes > 0 else None
+        # Trunk and head: p³ × V logits per position.
+        self.blocks = nn.ModuleList(AdaLNZeroBlock(hidden_dim, num_heads, ffn_dim, dropout) for _ in range(num_layers))
+        self.final_layer = FinalLayer(hidden_dim, patch_size**3 * vocab_size)
+        self.apply(init_weights)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        target_modality: torch.Tensor,
+        sources: torch.Tensor | None = None,
+        source_modalities: torch.Tensor | None = None,
+        class_label: torch.Tensor | None = None,
+        drop_condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for every token of the target grid.
+
+        Args:
+            tokens: ``Long[B, h, w, d]``, target tokens with the mask id ``vocab_size`` where unknown.
+            target_modality: ``Long[B]``, the modality to produce.
+            sources: ``Long[B, S, h, w, d]``, token grids of up to ``S`` source modalities on the target's grid.
+            source_modalities: ``Long[B, S]``, the modality of each slot; ``-1`` marks an absent slot, so every
+                sample of a batch may have its own subset of sources.
+            class_label: ``Long[B]`` or None (null class); only with ``num_classes > 0``.
+            drop_condition: ``Bool[B]`` or None; True gives that sample the "no condition" state of classifier-free
+                guidance: no sources and the null class. The target modality is always kept.
+
+        Returns:
+            ``[B, h*w*d, vocab_size]`` logits in the order of ``tokens.flatten(1)``.
+        """
+        if tuple(tokens.shape[1:]) != self.latent_shape:
+            raise ValueError(f"tokens grid {tuple(tokens.shape[1:])} differs from latent_shape {self.latent_shape}")
+        x = self.token_embed(tokens) + self._embed_sources(tokens, sources, source_modalities, drop_condition)
+        x = self.drop(self.pos_embed(x))
+        c = self._embed_condition(target_modality, class_label, drop_condition)
+        for block in self.blocks:
+            x = block(x, c)
+        return unpatchify(self.final_layer(x, c), self.latent_shape, self.patch_size)
+
+    def _embed_sources(
+        self,
+        tokens: torch.Tensor,
+        sources: torch.Tensor | None,
+        source_modalities: torch.Tensor | None,
+        drop_condition: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Mean over the present sources of ``mixer(embed(source) + modality)`` → ``[B, L, D]`` (or ``[D]``)."""
+        if sources is None:
+            return self.no_source
+        if source_modalities is None or source_modalities.shape != sources.shape[:2]:
+            shape = None if source_modalities is None else tuple(source_modalities.shape)
+            raise ValueError(f"source_modalities must have shape {tuple(sources.shape[:2])} [B, S], got {shape}")
+        if sources.shape[2:] != tokens.shape[1:]:
+            raise ValueError(
+                f"source grid shape {tuple(sources.shape[2:])} differs from target grid shape {tuple(tokens.shape[1:])}"
+            )
+        present = source_modalities >= 0
+        if drop_condition is not None:
+            present = present & ~drop_condition[:, None]
+        b, s = present.shape
+        grids = sources.where(present[:, :, None, None, None], 0).flatten(0, 1)
+        x = self.source_embed(grids).unflatten(0, (b, s))
+        x = self.source_mixer(x + self.source_modality_embed(source_modalities.clamp(min=0))[:, :, None])
+        count = present.sum(dim=1)
+        mean = (x * present[:, :, None, None].to(x.dtype)).sum(dim=1) / count.clamp(min=1)[:, None, None]
+        return torch.where((count > 0)[:, None, None], mean, self.no_source)
+
+    def _embed_condition(
+        self, target_modality: torch.Tensor, class_label: torch.Tensor | None, drop_condition: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``c [B, D]``: target-modality embedding, plus the class embedding (null class if absent or dropped)."""
+        c = self.target_modality_embed(target_modality)
+        if self.class_embed is None:
+            if class_label is not None:
+                raise ValueError("class_label was given but the model has num_classes=0")
+            return c
+        null = torch.full_like(target_modality, self.num_classes)
+        label = null if class_label is None else class_label
+        if drop_condition is not None:
+            label = torch.where(drop_condition, null, label)
+        return c + self.class_embed(label)

@@ -1,0 +1,225 @@
+"""MaskGiTScheduler (training masks) and MaskGiTSampler (decoding), the sampler driven by a recording fake model."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from prod9_ext.maskgit import IGNORE_INDEX, MASK_SCHEDULES, MaskGiTSampler, MaskGiTScheduler, mask_schedule
+
+V = 10
+GRID = (4, 4, 3)
+N = math.prod(GRID)
+SCHEDULES = sorted(MASK_SCHEDULES)
+# Mean mask fraction E[gamma(r)] for r ~ U(0, 1).
+MEAN_FRACTION = {"cosine": 2 / math.pi, "linear": 0.5, "sqrt": 1 / 3, "log2": 1 / math.log(2) - 1}
+
+
+class RecordingModel:
+    """Fixed random logits per position (different with and without conditions); records every call."""
+
+    vocab_size = V
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.cond_logits = torch.randn(N, V, generator=g) * 2
+        self.uncond_logits = torch.randn(N, V, generator=g) * 2
+        self.calls: list[dict] = []
+
+    def __call__(
+        self, tokens, target_modality, sources=None, source_modalities=None, class_label=None, drop_condition=None
+    ):
+        self.calls.append({"tokens": tokens.clone(), "target_modality": target_modality, "drop": drop_condition})
+        b = tokens.shape[0]
+        dropped = torch.zeros(b, dtype=torch.bool) if drop_condition is None else drop_condition
+        return torch.where(dropped[:, None, None], self.uncond_logits, self.cond_logits).expand(b, N, V)
+
+
+def _sample(sampler: MaskGiTSampler, model=None, seed: int = 0, batch: int = 3) -> torch.Tensor:
+    model = model or RecordingModel()
+    g = torch.Generator().manual_seed(seed)
+    return sampler.sample(model, (batch, *GRID), torch.zeros(batch, dtype=torch.long), generator=g)
+
+
+# --- schedules ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_schedule_endpoints_and_monotonicity(name: str) -> None:
+    gamma = mask_schedule(name)
+    r = torch.linspace(0, 1, 101, dtype=torch.float64)
+    values = gamma(r)
+    assert values[0].item() == pytest.approx(1.0)
+    assert values[-1].item() == pytest.approx(0.0, abs=1e-12)
+    assert torch.all(values[1:] < values[:-1])
+
+
+def test_unknown_schedule_raises() -> None:
+    with pytest.raises(ValueError, match="'cubic'"):
+        mask_schedule("cubic")
+
+
+# --- scheduler ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_mask_counts_follow_schedule(name: str) -> None:
+    scheduler = MaskGiTScheduler(V, schedule=name)
+    tokens = torch.randint(0, V, (2000, 8, 8, 8))
+    masked, targets = scheduler.mask(tokens, generator=torch.Generator().manual_seed(0))
+    counts = (masked == V).flatten(1).sum(1)
+    assert counts.min() >= 1 and counts.max() <= 512
+    assert counts.float().mean().item() / 512 == pytest.approx(MEAN_FRACTION[name], abs=0.03)
+    assert torch.equal((targets != IGNORE_INDEX), (masked == V))
+
+
+def test_mask_targets_and_reproducibility() -> None:
+    scheduler = MaskGiTScheduler(V)
+    tokens = torch.randint(0, V, (4, *GRID))
+    masked, targets = scheduler.mask(tokens, generator=torch.Generator().manual_seed(3))
+    is_masked = masked == V
+    assert torch.equal(masked[~is_masked], tokens[~is_masked])
+    assert torch.equal(targets[is_masked], tokens[is_masked])
+    assert torch.all(targets[~is_masked] == IGNORE_INDEX)
+    again = scheduler.mask(tokens, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again[0], masked) and torch.equal(again[1], targets)
+
+
+def test_loss_only_on_masked_positions() -> None:
+    scheduler = MaskGiTScheduler(V)
+    tokens = torch.randint(0, V, (2, *GRID))
+    _, targets = scheduler.mask(tokens, generator=torch.Generator().manual_seed(0))
+    flat_targets = targets.flatten(1)
+    logits = torch.randn(2, N, V)
+    loss = scheduler.loss(logits, targets)
+    masked = flat_targets != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[masked], flat_targets[masked])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    changed = logits.clone()
+    changed[~masked] = torch.randn_like(changed[~masked]) * 10
+    assert scheduler.loss(changed, targets).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_condition_dropping_frequency() -> None:
+    scheduler = MaskGiTScheduler(V, cond_drop_prob=0.1)
+    drop = scheduler.drop_condition(20000, generator=torch.Generator().manual_seed(0))
+    assert drop.dtype == torch.bool
+    assert drop.float().mean().item() == pytest.approx(0.1, abs=0.01)
+
+
+def test_source_dropping_sees_every_subset() -> None:
+    scheduler = MaskGiTScheduler(V, source_drop_prob=0.5)
+    modalities = torch.tensor([[0, 1, 2, -1]]).repeat(8000, 1)
+    dropped = scheduler.drop_sources(modalities, generator=torch.Generator().manual_seed(0))
+    assert torch.all(dropped[:, 3] == -1)
+    assert torch.all((dropped == modalities) | (dropped == -1))
+    subsets = ((dropped[:, :3] >= 0).long() * torch.tensor([1, 2, 4])).sum(1)
+    frequencies = torch.bincount(subsets, minlength=8).float() / len(subsets)
+    assert torch.allclose(frequencies, torch.full((8,), 1 / 8), atol=0.02)  # empty subset (0) included
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "value"),
+    [({"schedule": "cubic"}, "cubic"), ({"cond_drop_prob": 1.5}, "1.5"), ({"source_drop_prob": -0.1}, "-0.1")],
+)
+def test_scheduler_bad_arguments(kwargs: dict, value: str) -> None:
+    with pytest.raises(ValueError, match=value):
+        MaskGiTScheduler(V, **kwargs)
+
+
+# --- sampler ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [1, 4, 12])
+def test_sampler_calls_model_exactly_steps_times(steps: int) -> None:
+    model = RecordingModel()
+    _sample(MaskGiTSampler(steps=steps), model)
+    assert len(model.calls) == steps
+    assert all(call["drop"] is None for call in model.calls)
+
+
+def test_guided_sampler_batches_cond_and_uncond_in_one_call() -> None:
+    model = RecordingModel()
+    _sample(MaskGiTSampler(steps=5, guidance_scale=2.0), model, batch=3)
+    assert len(model.calls) == 5
+    for call in model.calls:
+        assert call["tokens"].shape[0] == 6
+        assert call["drop"].tolist() == [False] * 3 + [True] * 3
+        assert torch.equal(call["tokens"][:3], call["tokens"][3:])
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("steps", [3, 8])
+def test_sampler_masked_counts_fixed_tokens_and_completion(name: str, steps: int) -> None:
+    model = RecordingModel()
+    out = _sample(MaskGiTSampler(steps=steps, scheduler_type=name), model)
+    gamma = MASK_SCHEDULES[name]
+    assert torch.all(model.calls[0]["tokens"] == V)
+    states = [call["tokens"] for call in model.calls[1:]] + [out]  # tokens after steps 0 .. steps-1
+    for step, state in enumerate(states):
+        expected = (
+            0
+            if step == steps - 1
+            else math.floor(gamma(torch.tensor((step + 1) / steps, dtype=torch.float64)).item() * N)
+        )
+        assert (state == V).flatten(1).sum(1).tolist() == [expected] * 3
+    for earlier, later in itertools.pairwise(states):
+        fixed = earlier != V
+        assert torch.equal(later[fixed], earlier[fixed])
+    assert out.dtype == torch.long and out.shape == (3, *GRID)
+    assert out.min() >= 0 and out.max() < V
+
+
+def test_sampler_reproducible_with_generator() -> None:
+    sampler = MaskGiTSampler(steps=6)
+    assert torch.equal(_sample(sampler, seed=7), _sample(sampler, seed=7))
+    assert not torch.equal(_sample(sampler, seed=7), _sample(sampler, seed=8))
+
+
+def test_guidance_changes_output_and_zero_reproduces_unguided() -> None:
+    unguided = _sample(MaskGiTSampler(steps=6), seed=2)
+    assert torch.equal(_sample(MaskGiTSampler(steps=6, guidance_scale=0.0), seed=2), unguided)
+    guided = _sample(MaskGiTSampler(steps=6, guidance_scale=3.0), seed=2)
+    ramped = _sample(MaskGiTSampler(steps=6, guidance_scale=3.0, guidance_ramp="linear"), seed=2)
+    assert not torch.equal(guided, unguided)
+    assert not torch.equal(ramped, guided)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_candidates_follow_softmax_with_temperature(temperature: float) -> None:
+    """One step fixes every token at its sampled candidate: frequencies match ``softmax(logits / temperature)``."""
+    model = RecordingModel()
+    out = _sample(MaskGiTSampler(steps=1, temperature=temperature), model, batch=4000).flatten(1)
+    frequencies = torch.stack([torch.bincount(out[:, i], minlength=V) for i in range(N)]).float() / len(out)
+    expected = torch.softmax(model.cond_logits / temperature, dim=-1)
+    assert torch.allclose(frequencies, expected, atol=0.03)
+
+
+def test_low_temperature_gives_argmax() -> None:
+    out = _sample(MaskGiTSampler(steps=4, temperature=1e-4))
+    assert torch.equal(out[0], RecordingModel().cond_logits.argmax(-1).view(GRID))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "value"),
+    [
+        ({"steps": 0}, "0"),
+        ({"scheduler_type": "cubic"}, "cubic"),
+        ({"guidance_scale": -1.0}, "-1.0"),
+        ({"temperature": 0.0}, "0.0"),
+        ({"temperature": -2.0}, "-2.0"),
+        ({"guidance_ramp": "cosine"}, "cosine"),
+    ],
+)
+def test_sampler_bad_arguments(kwargs: dict, value: str) -> None:
+    with pytest.raises(ValueError, match=value):
+        MaskGiTSampler(**kwargs)
+
+
+def test_sampler_rejects_source_grid_of_other_shape() -> None:
+    sources = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"\(4, 4, 4\).*\(4, 4, 3\)"):
+        MaskGiTSampler().sample(RecordingModel(), (1, *GRID), torch.zeros(1, dtype=torch.long), sources=sources)

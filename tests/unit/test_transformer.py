@@ -1,0 +1,204 @@
+"""TransformerDecoder, AdaLNZeroBlock and SinCosPosEmbed: shapes, init, token order and conditioning."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from prod9_ext.transformer import AdaLNZeroBlock, SinCosPosEmbed, TransformerDecoder, patchify, unpatchify
+
+V = 12
+
+
+def _model(shape=(4, 4, 4), patch_size: int = 1, num_classes: int = 0, randomize: bool = True) -> TransformerDecoder:
+    """A tiny model; ``randomize`` replaces the zero-initialised gates and head so that every input matters."""
+    torch.manual_seed(0)
+    model = TransformerDecoder(
+        num_layers=2,
+        hidden_dim=32,
+        num_heads=4,
+        ffn_dim=64,
+        vocab_size=V,
+        latent_shape=shape,
+        num_modalities=4,
+        num_classes=num_classes,
+        patch_size=patch_size,
+    ).eval()
+    if randomize:
+        with torch.no_grad():
+            for param in model.parameters():
+                if torch.all(param == 0):
+                    param.normal_(std=0.1)
+    return model
+
+
+def _tokens(batch: int, shape=(4, 4, 4), masked: bool = True) -> torch.Tensor:
+    return torch.randint(0, V + int(masked), (batch, *shape))
+
+
+@pytest.mark.parametrize(("shape", "patch_size"), [((4, 4, 4), 1), ((8, 8, 8), 2), ((4, 6, 4), 2), ((3, 5, 2), 1)])
+def test_output_shape(shape: tuple[int, int, int], patch_size: int) -> None:
+    model = _model(shape, patch_size, randomize=False)
+    sources = _tokens(2, shape, masked=False)[:, None]
+    logits = model(_tokens(2, shape), torch.tensor([1, 3]), sources, torch.tensor([[0], [2]]))
+    assert logits.shape == (2, math.prod(shape), V)
+    assert torch.all(logits == 0)  # zero-initialised head: the first prediction is uniform
+
+
+def test_block_starts_as_identity() -> None:
+    block = AdaLNZeroBlock(hidden_dim=32, num_heads=4, ffn_dim=64)
+    x, c = torch.randn(2, 10, 32), torch.randn(2, 32)
+    assert torch.equal(block(x, c), x)
+
+
+def test_sincos_embedding_is_per_axis() -> None:
+    grid = (3, 4, 5)
+    pos = SinCosPosEmbed(dim=32, grid_shape=grid)
+    assert sum(pos.axis_dims) == 32 and all(n % 2 == 0 for n in pos.axis_dims)
+    table = pos.embedding.view(*grid, 32)
+    splits = torch.split(table, list(pos.axis_dims), dim=-1)
+    for axis, part in enumerate(splits):
+        # Every channel group depends on its own axis only: constant along the other two.
+        other_axes = [a for a in range(3) if a != axis]
+        for a in other_axes:
+            assert torch.allclose(part, part.select(a, 0).unsqueeze(a).expand_as(part))
+        # ... and differs between coordinates along its own axis.
+        assert not torch.allclose(part.select(axis, 0), part.select(axis, 1))
+    x = torch.zeros(2, math.prod(grid), 32)
+    assert torch.equal(pos(x)[1], pos.embedding)
+
+
+def test_sincos_rejects_odd_dim() -> None:
+    with pytest.raises(ValueError, match="31"):
+        SinCosPosEmbed(dim=31, grid_shape=(2, 2, 2))
+
+
+@pytest.mark.parametrize(("shape", "p"), [((4, 6, 4), 2), ((2, 3, 4), 1)])
+def test_patchify_unpatchify_round_trip_in_flatten_order(shape: tuple[int, int, int], p: int) -> None:
+    tokens = torch.arange(2 * math.prod(shape)).view(2, *shape)
+    patches = patchify(tokens, p)
+    assert patches.shape == (2, math.prod(shape) // p**3, p**3)
+    assert torch.equal(unpatchify(patches, shape, p).squeeze(-1), tokens.flatten(1))
+
+
+@pytest.mark.parametrize(("shape", "p", "voxel"), [((4, 6, 4), 2, (1, 4, 2)), ((4, 4, 4), 1, (2, 1, 3))])
+def test_logits_follow_token_order(shape: tuple[int, int, int], p: int, voxel: tuple[int, int, int]) -> None:
+    """With identity blocks each position only sees its own patch: changing one token changes its patch's logits."""
+    model = _model(shape, p, randomize=False)
+    with torch.no_grad():
+        for param in model.final_layer.parameters():
+            param.normal_(std=0.1)
+    tokens = _tokens(1, shape)
+    changed = tokens.clone()
+    changed[(0, *voxel)] = (tokens[(0, *voxel)] + 1) % (V + 1)
+    target = torch.zeros(1, dtype=torch.long)
+    differs = (model(tokens, target) - model(changed, target)).abs().amax(-1)[0] > 0
+    patch = torch.zeros(shape, dtype=torch.bool)
+    i, j, k = (c // p * p for c in voxel)
+    patch[i : i + p, j : j + p, k : k + p] = True
+    assert torch.equal(differs, patch.flatten())
+
+
+def test_target_modality_changes_logits() -> None:
+    model = _model()
+    tokens = _tokens(1)
+    assert not torch.allclose(model(tokens, torch.tensor([0])), model(tokens, torch.tensor([3])))
+
+
+def test_sources_and_class_change_logits() -> None:
+    model = _model(num_classes=3)
+    tokens, target = _tokens(1), torch.tensor([1])
+    sources = _tokens(1, masked=False)[:, None]
+    plain = model(tokens, target)
+    assert not torch.allclose(plain, model(tokens, target, sources, torch.tensor([[0]])))
+    assert not torch.allclose(plain, model(tokens, target, class_label=torch.tensor([2])))
+
+
+def test_missing_source_slot_equals_not_passing_it() -> None:
+    model = _model()
+    tokens, target = _tokens(2), torch.tensor([3, 3])
+    t1, t2, junk = (_tokens(2, masked=False) for _ in range(3))
+    both = torch.stack([t1, t2], dim=1)
+    with_gap = model(tokens, target, torch.stack([t1, junk, t2], dim=1), torch.tensor([[0, -1, 2], [0, -1, 2]]))
+    assert torch.equal(with_gap, model(tokens, target, both, torch.tensor([[0, 2], [0, 2]])))
+    all_absent = model(tokens, target, both, torch.full((2, 2), -1))
+    assert torch.equal(all_absent, model(tokens, target))
+    # Each sample may have its own subset: sample 0 has T1 only, sample 1 nothing.
+    mixed = model(tokens, target, both, torch.tensor([[0, -1], [-1, -1]]))
+    assert torch.allclose(mixed[0], model(tokens[:1], target[:1], t1[:1, None], torch.tensor([[0]]))[0], atol=1e-5)
+    assert torch.allclose(mixed[1], model(tokens[1:], target[1:])[0], atol=1e-5)
+
+
+def test_drop_condition_gives_the_no_condition_state() -> None:
+    model = _model(num_classes=3)
+    tokens, target = _tokens(2), torch.tensor([1, 2])
+    sources = _tokens(2, masked=False)[:, None]
+    dropped = model(
+        tokens,
+        target,
+        sources,
+        torch.tensor([[0], [0]]),
+        torch.tensor([1, 2]),
+        drop_condition=torch.tensor([True, False]),
+    )
+    assert torch.allclose(dropped[0], model(tokens[:1], target[:1])[0], atol=1e-5)
+    assert torch.allclose(
+        dropped[1], model(tokens[1:], target[1:], sources[1:], torch.tensor([[0]]), torch.tensor([2]))[0], atol=1e-5
+    )
+
+
+def test_autocast_bf16_on_cpu() -> None:
+    model = _model(shape=(4, 4, 4), patch_size=2)
+    tokens, target = _tokens(2), torch.tensor([0, 1])
+    sources = _tokens(2, masked=False)[:, None]
+    reference = model(tokens, target, sources, torch.tensor([[2], [3]]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens, target, sources, torch.tensor([[2], [3]]))
+    assert logits.shape == reference.shape and torch.isfinite(logits).all()
+    assert torch.allclose(logits.float(), reference, atol=0.1 * reference.abs().max().item())
+
+
+def test_bad_arguments() -> None:
+    model = _model()
+    tokens, target = _tokens(1), torch.tensor([0])
+    with pytest.raises(ValueError, match=r"\(4, 4, 2\).*\(4, 4, 4\)"):
+        model(tokens, target, _tokens(1, (4, 4, 2))[:, None], torch.tensor([[1]]))
+    with pytest.raises(ValueError, match=r"\(4, 4, 2\)"):
+        model(_tokens(1, (4, 4, 2)), target)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        model(tokens, target, class_label=torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"\(4, 6, 3\)"):
+        TransformerDecoder(1, 32, 4, 64, V, (4, 6, 3), 4, patch_size=2)
+
+
+def _gpu_pair() -> tuple[TransformerDecoder, TransformerDecoder, dict]:
+    cpu = _model((8, 8, 8), patch_size=2)
+    gpu = _model((8, 8, 8), patch_size=2).cuda()
+    inputs = {
+        "tokens": _tokens(2, (8, 8, 8)),
+        "target_modality": torch.tensor([0, 1]),
+        "sources": _tokens(2, (8, 8, 8), masked=False)[:, None],
+        "source_modalities": torch.tensor([[2], [-1]]),
+    }
+    return cpu, gpu, inputs
+
+
+@pytest.mark.gpu
+def test_cpu_and_cuda_logits_agree() -> None:
+    cpu, gpu, inputs = _gpu_pair()
+    expected = cpu(**inputs)
+    actual = gpu(**{k: v.cuda() for k, v in inputs.items()}).cpu()
+    assert torch.allclose(actual, expected, atol=1e-3 * expected.abs().max().item() + 1e-4)
+
+
+@pytest.mark.gpu
+def test_autocast_on_cuda() -> None:
+    _, gpu, inputs = _gpu_pair()
+    inputs = {k: v.cuda() for k, v in inputs.items()}
+    reference = gpu(**inputs)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = gpu(**inputs)
+    assert torch.isfinite(logits).all()
+    assert torch.allclose(logits.float(), reference, atol=0.1 * reference.abs().max().item())
