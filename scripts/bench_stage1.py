@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from bench_utils import markdown_table, peak_memory_mib, time_call
+from bench_utils import markdown_table, peak_memory_mib, time_alternating, time_call
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
 from prod9_ext import AutoencoderFSQ, AutoencoderInferenceWrapper, SlidingWindowConfig
@@ -43,14 +43,12 @@ def _kl_step(model: AutoencoderKlMaisi, x: torch.Tensor) -> None:
     (torch.nn.functional.l1_loss(reconstruction, x) + 1e-6 * kl).backward()
 
 
-def autoencoder_overhead(size: int = 64, batch_size: int = 1, repeats: int = 5) -> tuple[str, dict]:
+def autoencoder_overhead(size: int = 64, batch_size: int = 1, repeats: int = 7) -> tuple[str, dict]:
     """Forward+backward time and peak memory: AutoencoderFSQ against AutoencoderKlMaisi, same encoder/decoder."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fsq, kl = _networks(device)
     x = torch.rand(batch_size, 1, size, size, size, device=device)
-    # interleave the two sides so that machine drift hits both alike
-    kl_time = time_call(lambda: _kl_step(kl, x), repeats=repeats)
-    fsq_time = time_call(lambda: _fsq_step(fsq, x), repeats=repeats)
+    kl_time, fsq_time = time_alternating(lambda: _kl_step(kl, x), lambda: _fsq_step(fsq, x), repeats=repeats)
     kl_mem = peak_memory_mib(lambda: _kl_step(kl, x))
     fsq_mem = peak_memory_mib(lambda: _fsq_step(fsq, x))
     rows = [

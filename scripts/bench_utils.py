@@ -6,6 +6,7 @@ ratio are measured in the same run.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -36,6 +37,25 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def time_alternating(
+    fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int = 5, warmup: int = 1
+) -> tuple[Timing, Timing]:
+    """Time two workloads in alternation (A, B, A, B, ...), so that machine drift hits both sides of a ratio alike."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    seconds: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, samples in ((fn_a, seconds[0]), (fn_b, seconds[1])):
+            _sync()
+            start = time.perf_counter()
+            fn()
+            _sync()
+            samples.append(time.perf_counter() - start)
+    a, b = (Timing(statistics.median(s), min(s), max(s), repeats) for s in seconds)
+    return a, b
+
+
 def time_call(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> Timing:
     """Time ``fn()``; CUDA work is synchronised before each clock read."""
     for _ in range(warmup):
@@ -51,12 +71,21 @@ def time_call(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> Ti
 
 
 def _use_mmap_for_large_allocations() -> None:
-    """Make glibc hand large blocks (>= 64 KiB) back to the OS on free, so RSS follows what is really in use."""
+    """Make glibc serve large blocks (>= 64 KiB) by mmap, handed back to the OS on free, so RSS follows what is in
+    use; done at import, before the benchmarks allocate anything, so no freed heap memory hides later peaks."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; fixing it also turns off glibc's dynamic threshold
     except (OSError, AttributeError):
         pass
+
+
+def _trim_heap() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+_use_mmap_for_large_allocations()
 
 
 def _resident_bytes() -> int:
@@ -69,7 +98,7 @@ def peak_memory_mib(fn: Callable[[], object], interval: float = 0.0005) -> float
 
     On CUDA: the allocator's peak above what was allocated before the call. On CPU: the peak of the process's
     resident set size, sampled every ``interval`` seconds by a background thread, above its size before the call
-    (large allocations are served by mmap so that freed memory leaves the resident set).
+    (large allocations are served by mmap and the heap is trimmed first, so freed memory leaves the resident set).
     """
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -78,8 +107,8 @@ def peak_memory_mib(fn: Callable[[], object], interval: float = 0.0005) -> float
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    _use_mmap_for_large_allocations()
     gc.collect()
+    _trim_heap()
     base = peak = _resident_bytes()
     done = threading.Event()
 
