@@ -1,8 +1,8 @@
-"""Stage-1 inference I/O: the input file list, an evaluator iteration that runs the postprocessing, token grids out.
+"""Stage-1 inference I/O: the input file list and the token grids written next to the reconstructions.
 
 ``bundles/autoencoder_fsq/configs/inference.json`` reads NIfTI files named by :func:`inference_datalist`,
-reconstructs them with :func:`autoencoder_inference_iteration` and, with ``save_tokens``, writes each token grid
-with :class:`SaveTokensd` as ``<name>_tokens.npz``::
+reconstructs them with :func:`~prod9_ext.engines.autoencoder_eval_iteration` and, with ``save_tokens``, writes each
+token grid with :class:`SaveTokensd` as ``<name>_tokens.npz``::
 
     indices              int16 (int32 for codebooks over 32767 codes) [h, w, d], values in [0, prod(fsq_levels))
     fsq_levels           int64 [len(levels)]
@@ -28,14 +28,9 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.engines import SupervisedEvaluator
-from monai.engines.utils import IterationEvents
 from monai.transforms import MapTransform
-from monai.utils import CommonKeys as Keys
 
-from prod9_ext.engines.autoencoder_evaluation import AutoencoderSlidingWindowInferer
-
-__all__ = ["SaveTokensd", "autoencoder_inference_iteration", "inference_datalist"]
+__all__ = ["SaveTokensd", "inference_datalist"]
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -60,24 +55,6 @@ def inference_datalist(input_files: str | Sequence[str], key: str = "image") -> 
         if missing:
             raise FileNotFoundError(f"input_files: no such file: {', '.join(missing)}")
     return [{key: os.path.abspath(p)} for p in paths]
-
-
-def autoencoder_inference_iteration(engine: SupervisedEvaluator, batchdata: dict[str, Any]) -> list | dict:
-    """``iteration_update`` of the stage-1 inference evaluator: ``pred`` (reconstruction) and ``tokens``.
-
-    Unlike MONAI's default iteration, a custom ``iteration_update`` does not fire ``FORWARD_COMPLETED`` and
-    ``MODEL_COMPLETED`` by itself, and without them the evaluator never decollates the batch nor runs its
-    ``postprocessing``. This one fires them, so ``Invertd`` / ``SaveImaged`` / :class:`SaveTokensd` run per volume.
-    """
-    if not isinstance(engine.inferer, AutoencoderSlidingWindowInferer):
-        raise TypeError(f"the evaluator's inferer must be AutoencoderSlidingWindowInferer, got {engine.inferer!r}.")
-    inputs = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[0]
-    with engine.mode(engine.network), torch.autocast("cuda", enabled=engine.amp, **engine.amp_kwargs):
-        reconstruction, indices = engine.inferer.encode_decode(inputs, engine.network)
-    engine.state.output = {Keys.IMAGE: inputs, Keys.PRED: reconstruction.float(), "tokens": indices}
-    engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-    engine.fire_event(IterationEvents.MODEL_COMPLETED)
-    return engine.state.output
 
 
 def _stem(filename: str) -> str:
