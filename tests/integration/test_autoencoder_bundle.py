@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import AUTOENCODER_BUNDLE, REPO, TINY_AUTOENCODER, run_bundle
@@ -154,3 +155,26 @@ def test_evaluate_writes_per_case_and_mean_metrics(
     assert (tmp_path / "metrics.csv").is_file()
     raw = (tmp_path / "val_psnr_raw.csv").read_text()
     assert "Phantom_00004_t2" in raw
+
+
+def test_train_on_medmnist3d(tmp_path: Path) -> None:
+    """`--dataset medmnist3d` trains the same bundle on MedMNIST 3D volumes (a small file in its exact format)."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, count in {"train": 4, "val": 2, "test": 2}.items():
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=(count, 28, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 11, size=(count, 1), dtype=np.uint8)
+    np.savez_compressed(tmp_path / "organmnist3d.npz", **arrays)
+    result = run_bundle(
+        AUTOENCODER_BUNDLE,
+        ["train.json"],
+        *TINY_AUTOENCODER,
+        *_outputs(tmp_path),
+        "--dataset", "medmnist3d",
+        "--medmnist_size", "28",
+        "--dataset_dir", str(tmp_path),
+        "--max_epochs", "1",
+        "--val_interval", "1",
+    )  # fmt: skip
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert set(_epoch_metrics(result.stdout + result.stderr)) == {1}
