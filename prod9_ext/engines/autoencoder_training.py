@@ -68,7 +68,9 @@ def build_perceptual_loss(weight: float, network_type: str = "squeeze", spatial_
     from monai.losses import PerceptualLoss
 
     try:
-        return PerceptualLoss(spatial_dims=spatial_dims, network_type=network_type, is_fake_3d=spatial_dims == 3)
+        # MedicalNet networks are truly 3D; the 2D ones (squeeze, alex, vgg, radimagenet) run on slices ("fake 3D")
+        fake_3d = spatial_dims == 3 and not network_type.startswith("medicalnet")
+        return PerceptualLoss(spatial_dims=spatial_dims, network_type=network_type, is_fake_3d=fake_3d)
     except Exception as error:  # torch.hub / torchvision download failures surface as many exception types
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RuntimeError(
