@@ -18,6 +18,7 @@ from monai.utils import CommonKeys as Keys
 from torch import nn
 
 from prod9_ext.autoencoder import AutoencoderFSQ
+from prod9_ext.engines.autoencoder_training import unwrap_parallel
 from prod9_ext.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
 
 __all__ = ["AutoencoderSlidingWindowInferer", "CodebookUsage", "ReconstructionSnapshot", "autoencoder_eval_iteration"]
@@ -38,7 +39,7 @@ class AutoencoderSlidingWindowInferer(Inferer):
 
     def encode_decode(self, inputs: torch.Tensor, network: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """Image ``[B, C, *spatial]`` -> ``(reconstruction [B, C, *spatial], indices [B, *grid])``."""
-        autoencoder = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+        autoencoder = unwrap_parallel(network)
         if not isinstance(autoencoder, AutoencoderFSQ):
             raise TypeError(f"network must be an AutoencoderFSQ, got {type(autoencoder).__name__}.")
         wrapper = AutoencoderInferenceWrapper(autoencoder, self.config)

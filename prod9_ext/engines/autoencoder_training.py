@@ -20,7 +20,7 @@ from torch import nn
 __all__ = ["AutoencoderGanIteration", "StackModalities", "build_perceptual_loss"]
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def unwrap_parallel(module: nn.Module) -> nn.Module:
     """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
     return module.module if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else module
 
@@ -163,9 +163,11 @@ class AutoencoderGanIteration:
         loss = rec_loss
         if adversarial:
             g_loss = self.adv_loss(
-                self._logits(_unwrap(self.discriminator), reconstruction), target_is_real=True, for_discriminator=False
+                self._logits(unwrap_parallel(self.discriminator), reconstruction),
+                target_is_real=True,
+                for_discriminator=False,
             )
-            decoder = _unwrap(engine.network).get_submodule("decoder")
+            decoder = unwrap_parallel(engine.network).get_submodule("decoder")
             last_layer = [p for p in decoder.parameters() if p.ndim > 2][-1]
             weight = self.adaptive_weight(rec_loss, g_loss, last_layer)
             loss = rec_loss + self.adv_weight * weight * g_loss

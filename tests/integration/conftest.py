@@ -37,15 +37,21 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_bundle(
-    bundle: Path, config_files: list[str], *overrides: str, timeout: int = 600
+    bundle: Path, config_files: list[str], *overrides: str, timeout: int = 600, expect_failure: bool = False
 ) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run`` in ``bundle`` as a user types it; fails the test with the log on error."""
+    """``python -m monai.bundle run`` in ``bundle`` as a user types it.
+
+    Fails the test with the log when the run fails, or, with ``expect_failure``, when it succeeds.
+    """
     configs = "[" + ",".join(f"'{bundle / 'configs' / name}'" for name in config_files) + "]"
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(bundle)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         command + list(overrides), cwd=bundle, env=env, capture_output=True, text=True, timeout=timeout
     )
-    if result.returncode != 0:
+    if expect_failure:
+        if result.returncode == 0:
+            pytest.fail(f"bundle run ({' '.join(config_files)}) succeeded but was expected to fail")
+    elif result.returncode != 0:
         pytest.fail(f"bundle run failed ({' '.join(config_files)}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

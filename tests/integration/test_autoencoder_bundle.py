@@ -111,13 +111,15 @@ def test_resume_after_kill_mid_training(tmp_path: Path, phantom_dir: Path) -> No
 
 
 def test_resume_without_checkpoint_is_one_clear_error(tmp_path: Path, phantom_dir: Path) -> None:
-    configs = f"['{AUTOENCODER_BUNDLE / 'configs' / 'train.json'}']"
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs]
-    arguments = ["--bundle_root", str(AUTOENCODER_BUNDLE), *TINY_AUTOENCODER, *_outputs(tmp_path)]
-    arguments += ["--dataset_dir", str(phantom_dir), "--resume", "true"]
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(command + arguments, cwd=AUTOENCODER_BUNDLE, env=env, capture_output=True, text=True)
-    assert result.returncode != 0
+    result = run_bundle(
+        AUTOENCODER_BUNDLE,
+        ["train.json"],
+        *TINY_AUTOENCODER,
+        *_outputs(tmp_path),
+        "--dataset_dir", str(phantom_dir),
+        "--resume", "true",
+        expect_failure=True,
+    )  # fmt: skip
     assert "holds no checkpoint_epoch=N.pt checkpoint" in result.stderr
 
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import AUTOENCODER_BUNDLE, REPO, TINY_AUTOENCODER, run_bundle
+from conftest import AUTOENCODER_BUNDLE, TINY_AUTOENCODER, run_bundle
 from monai.bundle import ConfigWorkflow
 from scipy.spatial.transform import Rotation
 
@@ -118,14 +116,15 @@ def test_missing_input_file_fails_naming_it(models: Path, tmp_path: Path) -> Non
     present = tmp_path / "present.nii.gz"
     _write_volume(present)
     missing = tmp_path / "missing_case.nii.gz"
-    configs = f"['{AUTOENCODER_BUNDLE / 'configs' / 'inference.json'}']"
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs]
-    command += ["--bundle_root", str(AUTOENCODER_BUNDLE), *TINY_AUTOENCODER]
-    command += ["--ckpt_dir", str(models), "--output_dir", str(tmp_path / "out")]
-    command += ["--input_files", f"['{present}','{missing}']"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(command, cwd=AUTOENCODER_BUNDLE, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0
+    result = run_bundle(
+        AUTOENCODER_BUNDLE,
+        ["inference.json"],
+        *TINY_AUTOENCODER,
+        "--ckpt_dir", str(models),
+        "--output_dir", str(tmp_path / "out"),
+        "--input_files", f"['{present}','{missing}']",
+        expect_failure=True,
+    )  # fmt: skip
     assert f"no such file: {missing}" in result.stderr
     assert not (tmp_path / "out").exists()  # failed before any volume was written
 
