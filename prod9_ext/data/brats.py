@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["BRATS_DATA_DIR_ENV", "MODALITIES", "load_brats_datalist"]
+__all__ = ["BRATS_DATA_DIR_ENV", "MODALITIES", "case_files", "load_brats_datalist"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,22 +194,36 @@ def _case_entry(case_dir: Path) -> dict[str, str]:
     """``{"case": name, "t1": path, ..., "seg": path}`` for one case folder (``seg`` only when present)."""
     if not case_dir.is_dir():
         raise FileNotFoundError(f"Case folder {case_dir} (listed in {_DATALIST_FILE}) does not exist.")
-    found: dict[str, Path] = {}
-    for path in sorted(case_dir.iterdir()):
-        match = _FILE_PATTERN.match(path.name)
-        if match is None or not path.is_file():
-            continue
-        key = _SUFFIX_TO_KEY[match["suffix"]]
-        if key in found:
-            raise ValueError(f"Case {case_dir.name} has two {key} files: {found[key]} and {path}.")
-        found[key] = path
+    found = case_files(case_dir)
     missing = [key for key in MODALITIES if key not in found]
     if missing:
         expected = ", ".join(_expected_names(case_dir.name, key) for key in missing)
         raise ValueError(f"Case {case_dir.name} in {case_dir.parent} is missing {expected}.")
     entry = {"case": case_dir.name}
-    entry.update({key: str(found[key]) for key in (*MODALITIES, "seg") if key in found})
+    entry.update({key: found[key] for key in (*MODALITIES, "seg") if key in found})
     return entry
+
+
+def case_files(case_dir: str | os.PathLike) -> dict[str, str]:
+    """The images of one BraTS case folder, whichever are present: ``{"t1": path, ..., "seg": path}``.
+
+    Both namings (2021 ``_t1``/``_t1ce``/``_t2``/``_flair``/``_seg``, 2023 ``-t1n``/``-t1c``/``-t2w``/``-t2f``/
+    ``-seg``) are recognised; other files are ignored.
+
+    Raises:
+        ValueError: the folder holds two files for one modality.
+    """
+    folder = Path(case_dir)
+    found: dict[str, str] = {}
+    for path in sorted(folder.iterdir()):
+        match = _FILE_PATTERN.match(path.name)
+        if match is None or not path.is_file():
+            continue
+        key = _SUFFIX_TO_KEY[match["suffix"]]
+        if key in found:
+            raise ValueError(f"Case {folder.name} has two {key} files: {found[key]} and {path}.")
+        found[key] = str(path)
+    return found
 
 
 def _expected_names(case: str, key: str) -> str:

@@ -8,17 +8,41 @@ from prod9_ext.engines.autoencoder_evaluation import (
 )
 from prod9_ext.engines.autoencoder_training import AutoencoderGanIteration, StackModalities, build_perceptual_loss
 from prod9_ext.engines.checkpoints import AtomicCheckpointSaver, latest_checkpoint
+from prod9_ext.engines.maskgit_training import MaskGiTIteration, modality_ids, num_classes
 from prod9_ext.engines.metrics_json import MetricsJsonWriter
+from prod9_ext.engines.snapshots import VolumeSnapshot, save_mid_slices
+from prod9_ext.engines.stage1_link import Stage1Tokenizer, check_stage2_setup, load_stage1_tokenizer
+from prod9_ext.engines.synthesis import SynthesisInferer, synthesis_iteration
+from prod9_ext.engines.synthesis_io import SaveSynthesisd, generate_volumes, synthesis_datalist
+from prod9_ext.engines.synthesis_metrics import RegionSSIMMetric, TokenAccuracyMetric, with_region
+from prod9_ext.engines.token_cache import pretokenize
 
 __all__ = [
     "AtomicCheckpointSaver",
     "AutoencoderGanIteration",
     "AutoencoderSlidingWindowInferer",
     "CodebookUsage",
+    "MaskGiTIteration",
     "MetricsJsonWriter",
     "ReconstructionSnapshot",
+    "RegionSSIMMetric",
+    "SaveSynthesisd",
     "StackModalities",
+    "Stage1Tokenizer",
+    "SynthesisInferer",
+    "TokenAccuracyMetric",
+    "VolumeSnapshot",
     "autoencoder_eval_iteration",
     "build_perceptual_loss",
+    "check_stage2_setup",
+    "generate_volumes",
     "latest_checkpoint",
+    "load_stage1_tokenizer",
+    "modality_ids",
+    "num_classes",
+    "pretokenize",
+    "save_mid_slices",
+    "synthesis_datalist",
+    "synthesis_iteration",
+    "with_region",
 ]

@@ -50,7 +50,9 @@ class AutoencoderSlidingWindowInferer(Inferer):
         return self.encode_decode(inputs, network)[0]
 
 
-def autoencoder_eval_iteration(engine: SupervisedEvaluator, batchdata: dict[str, Any]) -> dict[str, Any]:
+def autoencoder_eval_iteration(
+    engine: SupervisedEvaluator, batchdata: dict[str, Any]
+) -> list[dict[str, Any]] | dict[str, Any]:
     """``iteration_update`` of the stage-1 evaluator: outputs ``image``, ``label``, ``pred`` and ``tokens``."""
     if not isinstance(engine.inferer, AutoencoderSlidingWindowInferer):
         raise TypeError(f"the evaluator's inferer must be AutoencoderSlidingWindowInferer, got {engine.inferer!r}.")
@@ -62,7 +64,7 @@ def autoencoder_eval_iteration(engine: SupervisedEvaluator, batchdata: dict[str,
     engine.state.output = output
     engine.fire_event(IterationEvents.FORWARD_COMPLETED)
     engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates and post-processes on this event
-    return output
+    return engine.state.output  # decollated on MODEL_COMPLETED; ignite keeps what is returned
 
 
 class CodebookUsage(Metric):

@@ -148,7 +148,7 @@ class AutoencoderGanIteration:
         weight = rec_grad.norm() / (adv_grad.norm() + 1e-4)
         return weight.clamp(0.0, self.max_adaptive_weight).detach()
 
-    def __call__(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         inputs, targets = batch[0], batch[1]
         adversarial = engine.state.iteration > self.adv_warmup_iterations
@@ -196,4 +196,4 @@ class AutoencoderGanIteration:
             output["d_loss"] = d_loss.detach()
         engine.state.output = output
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates and post-processes on this event
-        return output
+        return engine.state.output  # decollated on MODEL_COMPLETED; ignite keeps what is returned

@@ -1,0 +1,76 @@
+"""PNG snapshots of volumes side by side: mid slices in three planes, one row per volume."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+
+__all__ = ["VolumeSnapshot", "save_mid_slices"]
+
+
+def save_mid_slices(path: str | os.PathLike, volumes: Sequence[tuple[str, torch.Tensor]], dpi: int = 80) -> None:
+    """Write a PNG with one row per ``(title, volume)`` (``[*spatial]`` or ``[1, *spatial]`` in [0, 1]) and the
+    three orthogonal mid slices in its columns. Written to a temporary name and renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(volumes), 3, figsize=(9, 3 * len(volumes)), squeeze=False)
+    for row, (title, volume) in enumerate(volumes):
+        volume = torch.as_tensor(volume).detach().float().cpu()
+        volume = volume[0] if volume.ndim == 4 else volume
+        for axis in range(3):
+            plane = volume.select(axis, volume.shape[axis] // 2)
+            axes[row, axis].imshow(plane.T.flip(0), cmap="gray", vmin=0, vmax=1)
+            axes[row, axis].set_axis_off()
+        axes[row, 0].set_title(title, loc="left")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(temporary, dpi=dpi, bbox_inches="tight")
+    plt.close(figure)
+    temporary.replace(path)
+
+
+class VolumeSnapshot:
+    """Evaluator handler: after each evaluation, ``<output_dir>/<prefix>_epoch<N>.png`` of the first item's volumes.
+
+    MONAI's ``ValidationHandler`` runs the evaluator with the trainer's epoch, so N is the training epoch.
+
+    Args:
+        output_dir: folder of the PNGs.
+        keys: output keys of the volumes, one row each (missing keys are skipped).
+        titles: row titles (default: the keys).
+        prefix: file name prefix.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        keys: Sequence[str] = ("source", "pred", "label"),
+        titles: Sequence[str] | None = None,
+        prefix: str = "synthesis",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.keys = list(keys)
+        self.titles = list(titles) if titles is not None else self.keys
+        if len(self.titles) != len(self.keys):
+            raise ValueError(f"titles {self.titles} and keys {self.keys} differ in length")
+        self.prefix = prefix
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        output = engine.state.output
+        item = output[0] if isinstance(output, list) else output
+        if not isinstance(item, dict):
+            return
+        volumes = [(title, item[key]) for key, title in zip(self.keys, self.titles, strict=True) if key in item]
+        if volumes:
+            save_mid_slices(self.output_dir / f"{self.prefix}_epoch{engine.state.epoch}.png", volumes)

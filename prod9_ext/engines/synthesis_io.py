@@ -1,0 +1,192 @@
+"""Stage-2 inference I/O: which cases to synthesise, where the volumes go, and the atomic NIfTI writer.
+
+``bundles/maskgit_transformer/configs/inference.json`` reads cases named by :func:`synthesis_datalist` and writes
+``<output_dir>/<case>_<target>_synth.nii.gz`` with :class:`SaveSynthesisd`, on the input's grid (shape, affine).
+``generate.json`` writes unconditional or class-conditional samples with :func:`generate_volumes`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor, NibabelWriter
+from monai.transforms import MapTransform
+
+from prod9_ext.data.brats import case_files
+from prod9_ext.engines.stage1_link import Stage1Tokenizer
+from prod9_ext.maskgit import MaskGiTSampler
+
+__all__ = ["SaveSynthesisd", "generate_volumes", "synthesis_datalist", "synthesis_output_path", "write_nifti"]
+
+
+def synthesis_output_path(output_dir: str | os.PathLike, case: str, target_modality: str) -> Path:
+    """``<output_dir>/<case>_<target>_synth.nii.gz``."""
+    return Path(output_dir) / f"{case}_{target_modality}_synth.nii.gz"
+
+
+def _case_from_entry(entry: str | os.PathLike | Mapping[str, str], index: int) -> dict[str, str]:
+    if isinstance(entry, Mapping):
+        case = dict(entry)
+        first = next((v for k, v in case.items() if k != "case"), None)
+        case.setdefault("case", Path(str(first)).parent.name if first else f"case{index:03d}")
+        return case
+    folder = Path(entry)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"input_files: {folder} is not a case folder (BraTS layout) nor a dict of modalities")
+    return {"case": folder.name, **case_files(folder)}
+
+
+def synthesis_datalist(
+    input_files: str | Sequence[str | Mapping[str, str]],
+    source_modalities: Sequence[str],
+    output_dir: str | os.PathLike | None = None,
+    target_modality: str | None = None,
+    overwrite: bool = False,
+) -> list[dict[str, str]]:
+    """The cases to synthesise, checked before anything runs.
+
+    Args:
+        input_files: a glob pattern matching case folders (BraTS layout), or a list whose entries are case folders
+            or dicts ``{"t1": path, ...}`` (an optional ``"case"`` names the outputs; default: the folder of the
+            first file).
+        source_modalities: the modalities every case must have.
+        output_dir, target_modality: with both, a case whose output file exists is refused unless ``overwrite``.
+        overwrite: replace existing outputs.
+
+    Returns:
+        ``[{"case": name, "t1": path, ...}, ...]`` with absolute paths.
+
+    Raises:
+        FileNotFoundError: the pattern matches nothing, a folder or file does not exist, or a case lacks a source
+            (one line naming the case and the modality).
+        FileExistsError: an output exists and ``overwrite`` is false.
+    """
+    if isinstance(input_files, (str, os.PathLike)):
+        entries: list[Any] = sorted(p for p in glob.glob(os.fspath(input_files)) if os.path.isdir(p))
+        if not entries:
+            raise FileNotFoundError(f"input_files: no case folder matches {os.fspath(input_files)!r}")
+    else:
+        entries = list(input_files)
+        if not entries:
+            raise FileNotFoundError("input_files is an empty list")
+    cases = []
+    for index, entry in enumerate(entries):
+        case = _case_from_entry(entry, index)
+        for modality in source_modalities:
+            path = case.get(modality)
+            if path is None:
+                raise FileNotFoundError(f"input_files: case {case['case']} has no {modality} image (a source)")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"input_files: case {case['case']}: no such {modality} file {path}")
+        cases.append({k: (v if k == "case" else os.path.abspath(v)) for k, v in case.items()})
+    names = [case["case"] for case in cases]
+    if len(set(names)) != len(names):
+        raise ValueError(f"input_files: two cases share a name ({names}); name them with a 'case' key")
+    if output_dir is not None and target_modality is not None and not overwrite:
+        for name in names:
+            path = synthesis_output_path(output_dir, name, target_modality)
+            if path.exists():
+                raise FileExistsError(f"output {path} exists; pass --overwrite true to replace it")
+    return cases
+
+
+def write_nifti(path: str | os.PathLike, image: torch.Tensor, affine: Any) -> None:
+    """Write ``image`` ``[1, *spatial]`` (float32) with ``affine`` to a temporary name, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{os.getpid()}.{path.name}")  # same suffix: nibabel picks the format from it
+    writer = NibabelWriter(output_dtype=np.float32)
+    writer.set_data_array(torch.as_tensor(image).detach().float().cpu(), channel_dim=0)
+    writer.set_metadata({"affine": torch.as_tensor(affine).detach().cpu().double()}, resample=False)
+    try:
+        writer.write(str(temporary), verbose=False)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+class SaveSynthesisd(MapTransform):
+    """Postprocessing transform: write each synthesised volume as ``<output_dir>/<case>_<target>_synth.nii.gz``.
+
+    Put it after ``Invertd``, so the image is on the input file's grid and its affine is the input's.
+
+    Args:
+        keys: key of the synthesised image (``[1, *spatial]`` MetaTensor).
+        output_dir: folder of the outputs (created when missing).
+        target_modality: part of the file name.
+        case_key: key of the case name in the (merged batch and output) item.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, output_dir: str | os.PathLike, target_modality: str, case_key: str = "case"
+    ) -> None:
+        super().__init__(keys)
+        self.output_dir = output_dir
+        self.target_modality = target_modality
+        self.case_key = case_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if not isinstance(image, MetaTensor):
+                raise TypeError(f"{key!r} must be a MetaTensor carrying the input's affine")
+            case = str(d[self.case_key])
+            write_nifti(synthesis_output_path(self.output_dir, case, self.target_modality), image, image.affine)
+        return d
+
+
+@torch.no_grad()
+def generate_volumes(
+    network: torch.nn.Module,
+    tokenizer: Stage1Tokenizer,
+    sampler: MaskGiTSampler,
+    output_dir: str | os.PathLike,
+    num_samples: int = 1,
+    target_modality: int = 0,
+    class_label: int | None = None,
+    pixdim: Sequence[float] = (1.0, 1.0, 1.0),
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    prefix: str = "sample",
+) -> list[Path]:
+    """Unconditional or class-conditional samples: ``<output_dir>/<prefix>_<i>.nii.gz`` (i = 0, 1, ...).
+
+    Each sample fills the transformer's whole ``latent_shape`` (image size = ``latent_shape`` x downsampling factor)
+    with no source, sampled with generator seed ``seed + i`` and decoded by the stage-1 tokenizer; the affine is
+    ``diag(pixdim)``.
+
+    Raises:
+        ValueError: ``num_samples`` < 1, or a ``class_label`` outside the model's classes.
+        FileExistsError: a sample file exists and ``overwrite`` is false (checked before sampling).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    num_classes = getattr(network, "num_classes", 0)
+    if class_label is not None and not 0 <= int(class_label) < num_classes:
+        raise ValueError(f"class_label {class_label} is not a class of this model (num_classes={num_classes})")
+    paths = [Path(output_dir) / f"{prefix}_{i:03d}.nii.gz" for i in range(num_samples)]
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"output {existing[0]} exists; pass --overwrite true to replace it")
+    device = torch.device(device)
+    network.eval()
+    latent_shape = tuple(network.latent_shape)  # type: ignore[arg-type]
+    spatial = [n * tokenizer.downsampling_factor for n in latent_shape]
+    affine = np.diag([*[float(p) for p in pixdim], 1.0])
+    target = torch.tensor([int(target_modality)], device=device)
+    label = None if class_label is None else torch.tensor([int(class_label)], device=device)
+    for i, path in enumerate(paths):
+        generator = torch.Generator(device).manual_seed(seed + i)
+        tokens = sampler.sample(network, (1, *latent_shape), target, class_label=label, generator=generator)
+        image = tokenizer.wrapper.decode_indices(tokens, spatial)[0]
+        write_nifti(path, image, affine)
+    return paths
