@@ -11,9 +11,9 @@ from prod9_ext.engines.checkpoints import AtomicCheckpointSaver, latest_checkpoi
 from prod9_ext.engines.maskgit_training import MaskGiTIteration, modality_ids, num_classes
 from prod9_ext.engines.metrics_json import MetricsJsonWriter
 from prod9_ext.engines.snapshots import VolumeSnapshot, save_mid_slices
-from prod9_ext.engines.stage1_link import Stage1Tokenizer, check_stage2_setup, load_stage1_tokenizer
+from prod9_ext.engines.stage1_link import Stage1Tokenizer, check_stage2_setup, load_stage1_tokenizer, load_weights
 from prod9_ext.engines.synthesis import SynthesisInferer, synthesis_iteration
-from prod9_ext.engines.synthesis_io import SaveSynthesisd, generate_volumes, synthesis_datalist
+from prod9_ext.engines.synthesis_io import SaveSynthesisd, case_meta, generate_volumes, synthesis_datalist
 from prod9_ext.engines.synthesis_metrics import RegionSSIMMetric, TokenAccuracyMetric, with_region
 from prod9_ext.engines.token_cache import pretokenize
 
@@ -34,10 +34,12 @@ __all__ = [
     "VolumeSnapshot",
     "autoencoder_eval_iteration",
     "build_perceptual_loss",
+    "case_meta",
     "check_stage2_setup",
     "generate_volumes",
     "latest_checkpoint",
     "load_stage1_tokenizer",
+    "load_weights",
     "modality_ids",
     "num_classes",
     "pretokenize",

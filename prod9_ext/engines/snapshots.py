@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
@@ -38,15 +39,19 @@ def save_mid_slices(path: str | os.PathLike, volumes: Sequence[tuple[str, torch.
 
 
 class VolumeSnapshot:
-    """Evaluator handler: after each evaluation, ``<output_dir>/<prefix>_epoch<N>.png`` of the first item's volumes.
+    """Evaluator handler: PNGs of the volumes of an evaluation, side by side.
 
-    MONAI's ``ValidationHandler`` runs the evaluator with the trainer's epoch, so N is the training epoch.
+    By default, after each evaluation, ``<output_dir>/<prefix>_epoch<N>.png`` of the first item (MONAI's
+    ``ValidationHandler`` runs the evaluator with the trainer's epoch, so N is the training epoch). With
+    ``per_item``, one ``<output_dir>/<name>.png`` per item instead, named by ``item_names``.
 
     Args:
         output_dir: folder of the PNGs.
         keys: output keys of the volumes, one row each (missing keys are skipped).
         titles: row titles (default: the keys).
-        prefix: file name prefix.
+        prefix: file name prefix of the per-evaluation PNG.
+        per_item: one PNG per item, after every iteration.
+        item_names: with ``per_item``, maps the decollated batch to ``[{"filename_or_obj": name}, ...]``.
     """
 
     def __init__(
@@ -55,6 +60,8 @@ class VolumeSnapshot:
         keys: Sequence[str] = ("source", "pred", "label"),
         titles: Sequence[str] | None = None,
         prefix: str = "synthesis",
+        per_item: bool = False,
+        item_names: Callable[[Any], list[dict]] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.keys = list(keys)
@@ -62,15 +69,28 @@ class VolumeSnapshot:
         if len(self.titles) != len(self.keys):
             raise ValueError(f"titles {self.titles} and keys {self.keys} differ in length")
         self.prefix = prefix
+        self.per_item = per_item
+        self.item_names = item_names
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.ITERATION_COMPLETED if self.per_item else Events.EPOCH_COMPLETED, self)
+
+    def _volumes(self, item: Any) -> list[tuple[str, torch.Tensor]]:
+        if not isinstance(item, dict):
+            return []
+        return [(title, item[key]) for key, title in zip(self.keys, self.titles, strict=True) if key in item]
 
     def __call__(self, engine: Engine) -> None:
         output = engine.state.output
-        item = output[0] if isinstance(output, list) else output
-        if not isinstance(item, dict):
+        items = output if isinstance(output, list) else [output]
+        if not self.per_item:
+            volumes = self._volumes(items[0])
+            if volumes:
+                save_mid_slices(self.output_dir / f"{self.prefix}_epoch{engine.state.epoch}.png", volumes)
             return
-        volumes = [(title, item[key]) for key, title in zip(self.keys, self.titles, strict=True) if key in item]
-        if volumes:
-            save_mid_slices(self.output_dir / f"{self.prefix}_epoch{engine.state.epoch}.png", volumes)
+        names = self.item_names(engine.state.batch) if self.item_names is not None else []
+        for index, item in enumerate(items):
+            volumes = self._volumes(item)
+            name = names[index]["filename_or_obj"] if index < len(names) else f"{self.prefix}_{index}"
+            if volumes:
+                save_mid_slices(self.output_dir / f"{name}.png", volumes)

@@ -21,7 +21,29 @@ from prod9_ext.autoencoder import AutoencoderFSQ
 from prod9_ext.data.brats import MODALITIES
 from prod9_ext.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
 
-__all__ = ["Stage1Tokenizer", "check_stage2_setup", "load_stage1_tokenizer"]
+__all__ = ["Stage1Tokenizer", "check_stage2_setup", "load_stage1_tokenizer", "load_weights"]
+
+
+def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The network state dict in a bundle's ``model.pt`` (saved bare, or as ``{"model": state dict}``).
+
+    Raises:
+        FileNotFoundError: naming ``path`` when it does not exist.
+        ValueError: naming ``path`` when it is not a readable PyTorch checkpoint (truncated, foreign).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such weights file {path}; train the bundle first or pass its ckpt_dir")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which one, not where torch failed
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"weights file {path} cannot be read as a PyTorch checkpoint: {message}") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    return state
 
 
 @dataclass
@@ -110,11 +132,7 @@ def load_stage1_tokenizer(
         raise FileNotFoundError(
             f"autoencoder_weights: no such file {weights}; train stage 1 first (bundles/autoencoder_fsq, train.json)"
         )
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say which one, not where torch failed
-        raise ValueError(f"autoencoder_weights {weights} cannot be read as a checkpoint: {err}") from None
-    state = state.get("model", state) if isinstance(state, dict) else state
+    state = load_weights(weights)
     try:
         autoencoder.load_state_dict(state)
     except (RuntimeError, ValueError) as err:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer
@@ -117,16 +118,19 @@ class SynthesisInferer(Inferer):
                 )
             )
         tokens = torch.cat(samples)
-        output: dict[str, torch.Tensor] = {Keys.PRED: self.tokenizer.wrapper.decode_indices(tokens, spatial).float()}
+        # A MetaTensor, so that Invertd maps it back to the input's grid with the sources' recorded transforms.
+        pred = MetaTensor(self.tokenizer.wrapper.decode_indices(tokens, spatial).float())
+        output: dict[str, torch.Tensor] = {Keys.PRED: pred}
         output["tokens"] = tokens
-        if self.target_modality in batch:
-            target = torch.as_tensor(batch[self.target_modality]).float().to(device)
+        target = batch.get(self.target_modality)
+        if isinstance(target, torch.Tensor):  # inference lists the target's file (when any) but does not load it
+            target = target.float().to(device)
             output[Keys.LABEL] = target
             output["target_tokens"] = self.tokenizer.wrapper.encode_to_indices(target)
-        if self.target_modality in batch and self.source_modalities:
-            errors = torch.stack([((image - target) ** 2).flatten(1).mean(1) for image in images], dim=1)
-            closest = errors.argmin(dim=1)
-            output["source"] = torch.stack([images[int(k)][i] for i, k in enumerate(closest)])
+            if self.source_modalities:
+                errors = torch.stack([((image - target) ** 2).flatten(1).mean(1) for image in images], dim=1)
+                closest = errors.argmin(dim=1)
+                output["source"] = torch.stack([images[int(k)][i] for i, k in enumerate(closest)])
         return output
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -19,11 +19,23 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import MapTransform
 
-from prod9_ext.data.brats import case_files
+from prod9_ext.data.brats import MODALITIES, case_files
 from prod9_ext.engines.stage1_link import Stage1Tokenizer
 from prod9_ext.maskgit import MaskGiTSampler
 
-__all__ = ["SaveSynthesisd", "generate_volumes", "synthesis_datalist", "synthesis_output_path", "write_nifti"]
+__all__ = [
+    "SaveSynthesisd",
+    "case_meta",
+    "generate_volumes",
+    "synthesis_datalist",
+    "synthesis_output_path",
+    "write_nifti",
+]
+
+
+def case_meta(batch: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """``[{"filename_or_obj": case name}, ...]`` of a decollated batch: how ``MetricsSaver`` names its rows."""
+    return [{"filename_or_obj": str(item.get("case", index))} for index, item in enumerate(batch)]
 
 
 def synthesis_output_path(output_dir: str | os.PathLike, case: str, target_modality: str) -> Path:
@@ -118,7 +130,7 @@ class SaveSynthesisd(MapTransform):
     Put it after ``Invertd``, so the image is on the input file's grid and its affine is the input's.
 
     Args:
-        keys: key of the synthesised image (``[1, *spatial]`` MetaTensor).
+        keys: key of the synthesised image (``[1, *spatial]``; its affine from its metadata or ``<key>_meta_dict``).
         output_dir: folder of the outputs (created when missing).
         target_modality: part of the file name.
         case_key: key of the case name in the (merged batch and output) item.
@@ -136,10 +148,11 @@ class SaveSynthesisd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
-            if not isinstance(image, MetaTensor):
-                raise TypeError(f"{key!r} must be a MetaTensor carrying the input's affine")
+            meta = image.meta if isinstance(image, MetaTensor) else d.get(f"{key}_meta_dict", {})
+            if "affine" not in meta:
+                raise ValueError(f"{key!r} carries no affine: put SaveSynthesisd after Invertd")
             case = str(d[self.case_key])
-            write_nifti(synthesis_output_path(self.output_dir, case, self.target_modality), image, image.affine)
+            write_nifti(synthesis_output_path(self.output_dir, case, self.target_modality), image, meta["affine"])
         return d
 
 
@@ -150,9 +163,9 @@ def generate_volumes(
     sampler: MaskGiTSampler,
     output_dir: str | os.PathLike,
     num_samples: int = 1,
-    target_modality: int = 0,
+    target_modality: str = "image",
     class_label: int | None = None,
-    pixdim: Sequence[float] = (1.0, 1.0, 1.0),
+    pixdim: Sequence[float] | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     overwrite: bool = False,
@@ -162,7 +175,8 @@ def generate_volumes(
 
     Each sample fills the transformer's whole ``latent_shape`` (image size = ``latent_shape`` x downsampling factor)
     with no source, sampled with generator seed ``seed + i`` and decoded by the stage-1 tokenizer; the affine is
-    ``diag(pixdim)``.
+    ``diag(pixdim)`` (identity without ``pixdim``). ``target_modality`` is a BraTS modality, or ``"image"`` for
+    single-modality data (MedMNIST 3D).
 
     Raises:
         ValueError: ``num_samples`` < 1, or a ``class_label`` outside the model's classes.
@@ -181,8 +195,10 @@ def generate_volumes(
     network.eval()
     latent_shape = tuple(network.latent_shape)  # type: ignore[arg-type]
     spatial = [n * tokenizer.downsampling_factor for n in latent_shape]
-    affine = np.diag([*[float(p) for p in pixdim], 1.0])
-    target = torch.tensor([int(target_modality)], device=device)
+    affine = np.diag([*[float(p) for p in (pixdim or (1.0, 1.0, 1.0))], 1.0])
+    if target_modality not in (*MODALITIES, "image"):
+        raise ValueError(f"target_modality {target_modality!r} is not one of {list(MODALITIES)}")
+    target = torch.tensor([MODALITIES.index(target_modality) if target_modality in MODALITIES else 0], device=device)
     label = None if class_label is None else torch.tensor([int(class_label)], device=device)
     for i, path in enumerate(paths):
         generator = torch.Generator(device).manual_seed(seed + i)
