@@ -1,0 +1,219 @@
+"""The maskgit_transformer bundle through its real command lines, chained after a tiny stage-1 run on phantoms."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from tests.integration.conftest import TINY_TRANSFORMER, TRANSFORMER_BUNDLE, Stage1Run, run_bundle
+
+HELD_OUT = "Phantom_00004"  # the validation case of the five-case phantom set
+
+
+def _outputs(root: Path) -> list[str]:
+    return ["--ckpt_dir", str(root / "models"), "--output_dir", str(root / "eval"), "--cache_dir", str(root / "cache")]
+
+
+@pytest.fixture(scope="module")
+def stage2_run(stage1_run: Stage1Run, phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two epochs of the tiny transformer, validated after each."""
+    root = tmp_path_factory.mktemp("stage2")
+    result = run_bundle(
+        TRANSFORMER_BUNDLE,
+        ["train.json"],
+        *stage1_run.stage2_args(phantom_dir),
+        *TINY_TRANSFORMER,
+        *_outputs(root),
+        "--max_epochs", "2",
+        "--val_interval", "1",
+    )  # fmt: skip
+    (root / "train.log").write_text(result.stdout + result.stderr)
+    return root
+
+
+def test_train_writes_model_metrics_and_snapshots(stage2_run: Path) -> None:
+    log = (stage2_run / "train.log").read_text()
+    assert (stage2_run / "models" / "model.pt").is_file()
+    assert (stage2_run / "models" / "checkpoint_epoch=2.pt").is_file()
+    epochs = re.findall(r"Epoch\[(\d)\] Metrics -- (.*)", log)
+    assert [int(e) for e, _ in epochs] == [1, 2]
+    metrics = dict(re.findall(r"(\w+): (-?[\d.]+|nan)", epochs[-1][1]))
+    expected = {"val_ssim", "val_psnr", "val_ssim_tumour", "val_token_accuracy", "baseline_ssim", "baseline_psnr"}
+    assert expected <= set(metrics)
+    assert all(math.isfinite(float(metrics[k])) for k in expected)
+    assert (stage2_run / "eval" / "synthesis_epoch2.png").is_file()
+    # four training cases tokenized once, four modalities each, on the 3 mm grid padded to at least the ROI
+    cached = sorted((stage2_run / "cache").glob("*/*.npz"))
+    assert [p.stem for p in cached] == [f"Phantom_0000{i}" for i in range(4)]
+    tokens = np.load(cached[0])["tokens"]
+    assert tokens.shape[0] == 4 and all(n >= g for n, g in zip(tokens.shape[1:], (12, 16, 12), strict=True))
+    assert tokens.min() >= 0 and tokens.max() < 1000
+
+
+def test_second_run_reuses_token_cache_and_resumes(stage2_run: Path, stage1_run: Stage1Run, phantom_dir: Path) -> None:
+    """A rerun with another stage-2 setting reuses the cached tokens; --resume continues from epoch 2."""
+    result = run_bundle(
+        TRANSFORMER_BUNDLE,
+        ["train.json"],
+        *stage1_run.stage2_args(phantom_dir),
+        *TINY_TRANSFORMER,
+        *_outputs(stage2_run),
+        "--max_epochs", "3",
+        "--val_interval", "5",
+        "--resume", "true",
+        "--learning_rate", "0.0001",
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert "0 cases encoded now, 4 reused" in log
+    completed = re.findall(r"SupervisedTrainer - INFO - Epoch\[(\d)\] Complete", log)
+    assert completed == ["3"]  # epochs 1 and 2 came from the checkpoint
+    assert (stage2_run / "models" / "checkpoint_epoch=3.pt").is_file()
+
+
+def test_evaluate_scores_synthesis_beside_the_baseline(stage2_run: Path, stage1_run: Stage1Run, phantom_dir: Path):
+    out = stage2_run / "evaluate"
+    run_bundle(
+        TRANSFORMER_BUNDLE,
+        ["train.json", "evaluate.json"],
+        *stage1_run.stage2_args(phantom_dir),
+        *TINY_TRANSFORMER,
+        "--ckpt_dir", str(stage2_run / "models"),
+        "--output_dir", str(out),
+    )  # fmt: skip
+    summary = json.loads((out / "metrics.json").read_text())
+    assert sorted(summary["per_item"]) == [HELD_OUT]
+    for key in ("val_ssim", "val_psnr", "val_ssim_tumour", "val_token_accuracy", "baseline_ssim", "baseline_psnr"):
+        assert math.isfinite(summary["mean"][key]), key
+    assert (out / "metrics.csv").is_file() and (out / "baseline_ssim_raw.csv").is_file()
+    assert (out / "cases" / f"{HELD_OUT}.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("target", "sources"), [("t2", ["t1"]), ("flair", ["t1", "t1ce", "t2"])], ids=["t1_to_t2", "three_to_flair"]
+)
+def test_inference_synthesises_in_the_input_space(
+    stage2_run: Path, stage1_run: Stage1Run, phantom_dir: Path, target: str, sources: list[str]
+) -> None:
+    out = stage2_run / f"infer_{target}"
+    case_dir = phantom_dir / HELD_OUT
+    inputs = {m: str(case_dir / f"{HELD_OUT}_{m}.nii.gz") for m in sources}
+    run_bundle(
+        TRANSFORMER_BUNDLE,
+        ["inference.json"],
+        *stage1_run.stage2_args(phantom_dir),
+        *TINY_TRANSFORMER[:10],  # the network and ROI; inference has no batch size or warm-up
+        "--ckpt_dir", str(stage2_run / "models"),
+        "--output_dir", str(out),
+        "--input_files", json.dumps([inputs]),
+        "--target_modality", target,
+        "--source_modalities", json.dumps(sources),
+    )  # fmt: skip
+    written = sorted(p.name for p in out.iterdir())
+    assert written == [f"{HELD_OUT}_{target}_synth.nii.gz"]
+    synthesised, real = nib.load(out / written[0]), nib.load(case_dir / f"{HELD_OUT}_{target}.nii.gz")
+    assert synthesised.shape == real.shape
+    np.testing.assert_allclose(synthesised.affine, real.affine, atol=1e-5)
+    assert np.isfinite(np.asarray(synthesised.dataobj)).all()
+
+
+def test_inference_refuses_to_overwrite(stage2_run: Path, stage1_run: Stage1Run, phantom_dir: Path) -> None:
+    out = stage2_run / "infer_existing"
+    out.mkdir()
+    existing = out / f"{HELD_OUT}_t2_synth.nii.gz"
+    existing.write_bytes(b"previous result")
+    result = run_bundle(
+        TRANSFORMER_BUNDLE,
+        ["inference.json"],
+        *stage1_run.stage2_args(phantom_dir),
+        *TINY_TRANSFORMER[:10],
+        "--ckpt_dir", str(stage2_run / "models"),
+        "--output_dir", str(out),
+        "--input_files", json.dumps([str(phantom_dir / HELD_OUT)]),
+        "--source_modalities", "['t1']",
+        expect_failure=True,
+    )  # fmt: skip
+    assert "--overwrite true" in result.stderr
+    assert existing.read_bytes() == b"previous result"
+
+
+def test_unconditional_generation(stage2_run: Path, stage1_run: Stage1Run, phantom_dir: Path) -> None:
+    out = stage2_run / "generated"
+    run_bundle(
+        TRANSFORMER_BUNDLE,
+        ["inference.json", "generate.json"],
+        *stage1_run.stage2_args(phantom_dir),
+        *TINY_TRANSFORMER[:10],
+        "--ckpt_dir", str(stage2_run / "models"),
+        "--output_dir", str(out),
+        "--num_samples", "2",
+        "--seed", "3",
+    )  # fmt: skip
+    samples = sorted(out.glob("sample_*.nii.gz"))
+    assert [p.name for p in samples] == ["sample_000.nii.gz", "sample_001.nii.gz"]
+    volumes = [np.asarray(nib.load(p).dataobj) for p in samples]
+    assert volumes[0].shape == (48, 64, 48)
+    assert not np.array_equal(volumes[0], volumes[1])  # seeds 3 and 4
+
+
+def test_class_conditional_medmnist(stage1_run: Stage1Run, tmp_path: Path) -> None:
+    """`--dataset medmnist3d`: class-conditional training and generation with the same bundle."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, count in {"train": 4, "val": 1, "test": 1}.items():
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=(count, 28, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 11, size=(count, 1), dtype=np.uint8)
+    np.savez_compressed(tmp_path / "organmnist3d.npz", **arrays)
+    medmnist = [
+        *stage1_run.stage2_args(tmp_path),
+        *TINY_TRANSFORMER,
+        "--dataset", "medmnist3d",
+        "--medmnist_size", "28",
+        "--roi_size", "[28,28,28]",
+        "--network_def#patch_size", "1",
+        "--ckpt_dir", str(tmp_path / "models"),
+    ]  # fmt: skip
+    run_bundle(
+        TRANSFORMER_BUNDLE,
+        ["train.json"],
+        *medmnist,
+        "--output_dir", str(tmp_path / "eval"),
+        "--cache_dir", str(tmp_path / "cache"),
+        "--max_epochs", "1",
+        "--val_interval", "1",
+    )  # fmt: skip
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert state["class_embed.weight"].shape[0] == 12  # OrganMNIST3D's 11 classes and the null class
+    run_bundle(
+        TRANSFORMER_BUNDLE,
+        ["inference.json", "generate.json"],
+        *medmnist,
+        "--output_dir", str(tmp_path / "generated"),
+        "--class_label", "3",
+    )  # fmt: skip
+    assert nib.load(tmp_path / "generated" / "sample_000.nii.gz").shape == (28, 28, 28)
+
+
+def test_stage1_weights_with_other_levels_fail_at_start_up(
+    stage1_run: Stage1Run, phantom_dir: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other_levels.json"
+    settings = json.loads(stage1_run.config.read_text())
+    other.write_text(json.dumps({**settings, "network_def#fsq_levels": [8, 8, 8]}))
+    result = run_bundle(
+        TRANSFORMER_BUNDLE,
+        ["train.json"],
+        *stage1_run.stage2_args(phantom_dir),
+        "--autoencoder_config", f"['train.json','{other}']",
+        *TINY_TRANSFORMER,
+        *_outputs(tmp_path),
+        expect_failure=True,
+    )  # fmt: skip
+    assert f"autoencoder_weights {stage1_run.weights} do not fit network_def" in result.stderr
+    assert not (tmp_path / "models").exists() and not (tmp_path / "cache").exists()
