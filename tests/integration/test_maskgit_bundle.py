@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.integration.conftest import TINY_TRANSFORMER, TRANSFORMER_BUNDLE, Stage1Run, run_bundle
+from tests.integration.conftest import REPO, TINY_TRANSFORMER, TRANSFORMER_BUNDLE, Stage1Run, run_bundle
 
 HELD_OUT = "Phantom_00004"  # the validation case of the five-case phantom set
 
@@ -217,3 +220,22 @@ def test_stage1_weights_with_other_levels_fail_at_start_up(
     )  # fmt: skip
     assert f"autoencoder_weights {stage1_run.weights} do not fit network_def" in result.stderr
     assert not (tmp_path / "models").exists() and not (tmp_path / "cache").exists()
+
+
+def test_two_process_gloo_training(stage1_run: Stage1Run, phantom_dir: Path, tmp_path: Path) -> None:
+    """configs/multi_gpu_train.json through torchrun: 2 processes, gloo on CPU, a DDP transformer."""
+    configs = "['configs/train.json','configs/multi_gpu_train.json']"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(TRANSFORMER_BUNDLE)]
+    command += [*stage1_run.stage2_args(phantom_dir), *TINY_TRANSFORMER, *_outputs(tmp_path)]
+    command += ["--max_epochs", "1", "--val_interval", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=TRANSFORMER_BUNDLE, env=env, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    assert len(re.findall(r"Epoch\[1\] Metrics -- .*val_ssim", log)) == 1  # all-reduced, logged by rank 0 only
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["checkpoint_epoch=1.pt", "model.pt"]
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert state and not any(key.startswith("module.") for key in state)
+    checkpoint = torch.load(tmp_path / "models" / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer"]["iteration"] == 1  # 4 cases, 2 ranks, batch 2: one iteration per rank
