@@ -1,0 +1,232 @@
+"""prod9's main job: phantoms (or your BraTS folder) -> stage 1 -> stage 2 -> synthesised volumes and a report.
+
+    python scripts/quickstart.py                          # embedded phantoms, CPU demo settings (about 25 min)
+    python scripts/quickstart.py --dataset_dir /data/BraTS2021   # the same on your BraTS folder (or BRATS_DATA_DIR)
+
+Every step is a command line of the bundles (``python -m monai.bundle run ...``), printed before it runs, so the
+report ends with the exact commands to rerun any step. Each finished step leaves a record in
+``<output_dir>/steps/``; run the script again after an interruption and finished steps are skipped, an interrupted
+training resumes from its last checkpoint. ``--smoke`` runs the smallest setting (a handful of cases, tiny
+networks, one epoch each) to check the whole chain in a few minutes; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import fire
+
+REPO = Path(__file__).resolve().parents[1]
+AUTOENCODER = REPO / "bundles" / "autoencoder_fsq"
+TRANSFORMER = REPO / "bundles" / "maskgit_transformer"
+
+HELD_OUT = "<held-out case folders>"
+TASKS = {"t2_from_t1": ("t2", ["t1"]), "flair_from_t1_t1ce_t2": ("flair", ["t1", "t1ce", "t2"])}
+
+# --smoke: every network and run as small as the chain allows (a few minutes on 2 cores).
+SMOKE_AUTOENCODER = [
+    "--roi_size", "[32,32,32]",
+    "--network_def#num_channels", "[8,16,16]",
+    "--max_epochs", "1",
+    "--val_interval", "1",
+]  # fmt: skip
+SMOKE_TRANSFORMER = [
+    "--network_def#num_layers", "2",
+    "--network_def#hidden_dim", "64",
+    "--network_def#num_heads", "4",
+    "--network_def#ffn_dim", "128",
+    "--max_epochs", "2",
+    "--val_interval", "2",
+    "--sampler#steps", "4",
+]  # fmt: skip
+
+
+@dataclass
+class Step:
+    """One command of the chain, skipped when its record exists."""
+
+    name: str
+    command: list[str]
+    cwd: Path = REPO
+    resume_dir: Path | None = None  # training: resume from a checkpoint here after an interruption
+
+
+class Runner:
+    """Runs steps, prints their commands, records wall times in ``<output_dir>/steps/<name>.json``."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.records = output_dir / "steps"
+        self.records.mkdir(parents=True, exist_ok=True)
+
+    def record(self, name: str) -> dict | None:
+        path = self.records / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def run(self, step: Step) -> None:
+        if self.record(step.name) is not None:
+            print(f"[quickstart] {step.name}: done before, skipped", flush=True)
+            return
+        command = list(step.command)
+        if step.resume_dir is not None and any(step.resume_dir.glob("checkpoint_epoch=*.pt")):
+            command += ["--resume", "true"]
+        shown = f"(cd {shlex.quote(os.path.relpath(step.cwd, REPO))} && {_shell(command)})"
+        print(f"\n[quickstart] {step.name}:\n  {shown}", flush=True)
+        start = time.perf_counter()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        result = subprocess.run(command, cwd=step.cwd, env=env)
+        if result.returncode != 0:
+            raise SystemExit(f"[quickstart] {step.name} failed (exit {result.returncode}); fix it and rerun: {shown}")
+        seconds = time.perf_counter() - start
+        record = {"seconds": seconds, "command": shown}
+        path = self.records / f"{step.name}.json"
+        path.with_suffix(".tmp").write_text(json.dumps(record, indent=2))
+        path.with_suffix(".tmp").replace(path)
+        print(f"[quickstart] {step.name}: {seconds / 60:.1f} min", flush=True)
+
+
+def _list(values: list[str]) -> str:
+    """A list as the bundles' command lines take it: ``['t1','t2']``."""
+    return "[" + ",".join(f"'{value}'" for value in values) + "]"
+
+
+def _shell(command: list[str]) -> str:
+    """The command as a user would type it: ``python`` for this interpreter, lists in double quotes."""
+    words = ["python" if word == sys.executable else word for word in command]
+    return " ".join(_word(w) for w in words)
+
+
+def _word(word: str) -> str:
+    if re.fullmatch(r"--[\w#]+", word):
+        return word
+    return f'"{word}"' if "'" in word and '"' not in word and "$" not in word else shlex.quote(word)
+
+
+def _bundle_run(bundle: Path, configs: list[str], *overrides: str) -> list[str]:
+    files = _list([f"configs/{name}" for name in configs])
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", ".", *overrides]
+
+
+def build_steps(out: Path, dataset_dir: Path, make_data: bool, num_cases: int, smoke: bool) -> list[Step]:
+    """The chain: data, stage 1 (train, evaluate), stage 2 (train, then evaluate and synthesise per task)."""
+    ae, tr = out / "autoencoder", out / "transformer"
+    data = ["--dataset_dir", str(dataset_dir)]
+    ae_extra = SMOKE_AUTOENCODER if smoke else []
+    tr_extra = SMOKE_TRANSFORMER if smoke else []
+    stage1 = ["--autoencoder_weights", str(ae / "models" / "model.pt")]
+    steps = []
+    if make_data:
+        phantoms = [sys.executable, "scripts/make_phantoms.py", str(dataset_dir), "--num_cases", str(num_cases)]
+        phantoms += ["--spacing", "3.0", "--preview", str(out / "phantoms.png"), "--overwrite"]  # ours to redo
+        steps.append(Step("phantoms", phantoms))
+    ae_dirs = ["--ckpt_dir", str(ae / "models"), "--output_dir", str(ae / "eval")]
+    steps.append(
+        Step(
+            "stage1_train",
+            _bundle_run(AUTOENCODER, ["train.json", "demo.json"], *data, *ae_dirs, *ae_extra),
+            AUTOENCODER,
+            resume_dir=ae / "models",
+        )
+    )
+    ae_eval = ["--ckpt_dir", str(ae / "models"), "--output_dir", str(ae / "evaluate")]
+    steps.append(
+        Step(
+            "stage1_evaluate",
+            _bundle_run(AUTOENCODER, ["train.json", "demo.json", "evaluate.json"], *data, *ae_eval, *ae_extra),
+            AUTOENCODER,
+        )
+    )
+    if smoke:  # the transformer bundle reads the stage-1 network from config files: give it the smoke overlay
+        smoke_overlay = out / "smoke_autoencoder.json"
+        overlay = {
+            SMOKE_AUTOENCODER[i].removeprefix("--"): json.loads(SMOKE_AUTOENCODER[i + 1])
+            for i in range(0, len(SMOKE_AUTOENCODER), 2)
+        }
+        smoke_overlay.write_text(json.dumps(overlay))
+        stage1 += ["--autoencoder_config", _list(["train.json", "demo.json", str(smoke_overlay)])]
+    tr_dirs = ["--ckpt_dir", str(tr / "models"), "--output_dir", str(tr / "eval"), "--cache_dir", str(tr / "cache")]
+    steps.append(
+        Step(
+            "stage2_train",
+            _bundle_run(TRANSFORMER, ["train.json", "demo.json"], *data, *stage1, *tr_dirs, *tr_extra),
+            TRANSFORMER,
+            resume_dir=tr / "models",
+        )
+    )
+    for task, (target, sources) in TASKS.items():
+        task_args = ["--val_target_modality", target, "--val_source_modalities", _list(sources)]
+        evaluate = ["--ckpt_dir", str(tr / "models"), "--output_dir", str(tr / f"evaluate_{task}"), *task_args]
+        evaluate += tr_extra
+        steps.append(
+            Step(
+                f"stage2_evaluate_{task}",
+                _bundle_run(TRANSFORMER, ["train.json", "demo.json", "evaluate.json"], *data, *stage1, *evaluate),
+                TRANSFORMER,
+            )
+        )
+        infer = ["--ckpt_dir", str(tr / "models"), "--output_dir", str(out / "synthesis" / task)]
+        infer += ["--target_modality", target, "--source_modalities", _list(sources), "--overwrite", "true"]
+        infer += ["--input_files", HELD_OUT]  # the held-out case folders, listed once the data exist
+        steps.append(
+            Step(
+                f"stage2_synthesise_{task}",
+                _bundle_run(TRANSFORMER, ["inference.json", "demo.json"], *data, *stage1, *infer, *tr_extra),
+                TRANSFORMER,
+            )
+        )
+    return steps
+
+
+def _validation_cases(dataset_dir: Path) -> list[str]:
+    """The held-out cases: ``dataset.json``'s validation list, or the seeded split prod9 makes without one."""
+    from prod9_ext.data import load_datalist
+
+    return [case["case"] for case in load_datalist("brats", dataset_dir, "validation")]
+
+
+def _held_out_folders(step: Step, dataset_dir: Path) -> Step:
+    """The step with the placeholder ``HELD_OUT`` replaced by the validation case folders."""
+    cases = _list([str(dataset_dir / case) for case in _validation_cases(dataset_dir)])
+    return Step(step.name, [cases if arg == HELD_OUT else arg for arg in step.command], step.cwd, step.resume_dir)
+
+
+def main(
+    output_dir: str = "outputs/quickstart",
+    dataset_dir: str | None = None,
+    num_cases: int = 24,
+    smoke: bool = False,
+) -> None:
+    """Run the chain and write ``<output_dir>/report.md``.
+
+    Args:
+        output_dir: where everything goes (data, models, metrics, synthesised volumes, report).
+        dataset_dir: a BraTS folder (default: ``BRATS_DATA_DIR``; without either, phantoms are built under
+            ``<output_dir>/data``).
+        num_cases: phantom cases to build (a fifth are held out).
+        smoke: the smallest setting, to check the chain end to end (its numbers mean nothing).
+    """
+    from report import write_report
+
+    out = Path(output_dir).resolve()
+    given = dataset_dir or os.environ.get("BRATS_DATA_DIR")
+    data = Path(given).resolve() if given else out / "data"
+    make_data = not given and not (data / "dataset.json").is_file()
+    runner = Runner(out)
+    steps = build_steps(out, data, make_data, 5 if smoke else num_cases, smoke)
+    started = time.perf_counter()
+    for step in steps:
+        runner.run(_held_out_folders(step, data) if HELD_OUT in step.command else step)
+    report = write_report(out, TASKS, runner.records, smoke=smoke)
+    print(f"\n[quickstart] finished in {(time.perf_counter() - started) / 60:.1f} min: {report}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    fire.Fire(main)
