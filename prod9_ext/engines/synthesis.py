@@ -23,6 +23,7 @@ from prod9_ext.data.brats import MODALITIES
 from prod9_ext.engines.autoencoder_training import unwrap_parallel
 from prod9_ext.engines.stage1_link import Stage1Tokenizer
 from prod9_ext.maskgit import MaskGiTSampler
+from prod9_ext.transformer import TransformerDecoder
 
 __all__ = ["SynthesisInferer", "synthesis_iteration"]
 
@@ -81,11 +82,13 @@ class SynthesisInferer(Inferer):
     def synthesize(self, batch: dict[str, Any], network: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
         """Synthesise the target of every item of ``batch`` (see the class docstring for the outputs)."""
         model = unwrap_parallel(network)
+        if not isinstance(model, TransformerDecoder):
+            raise TypeError(f"network must be a TransformerDecoder, got {type(model).__name__}")
         reference = batch[self.source_modalities[0]] if self.source_modalities else batch.get(self.target_modality)
         if reference is None:
             raise ValueError(f"the batch holds neither the sources {self.source_modalities} nor the target")
         label = batch.get("label")
-        use_class = label is not None and getattr(model, "num_classes", 0) > 0
+        use_class = label is not None and model.num_classes > 0
         class_label = torch.as_tensor(label).to(device).long().reshape(-1) if use_class else None
         spatial = tuple(reference.shape[2:])
         grid = self.tokenizer.grid_shape(spatial)

@@ -22,6 +22,7 @@ from monai.transforms import MapTransform
 from prod9_ext.data.brats import MODALITIES, case_files
 from prod9_ext.engines.stage1_link import Stage1Tokenizer
 from prod9_ext.maskgit import MaskGiTSampler
+from prod9_ext.transformer import TransformerDecoder
 
 __all__ = [
     "SaveSynthesisd",
@@ -158,7 +159,7 @@ class SaveSynthesisd(MapTransform):
 
 @torch.no_grad()
 def generate_volumes(
-    network: torch.nn.Module,
+    network: TransformerDecoder,
     tokenizer: Stage1Tokenizer,
     sampler: MaskGiTSampler,
     output_dir: str | os.PathLike,
@@ -184,7 +185,7 @@ def generate_volumes(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-    num_classes = getattr(network, "num_classes", 0)
+    num_classes = network.num_classes
     if class_label is not None and not 0 <= int(class_label) < num_classes:
         raise ValueError(f"class_label {class_label} is not a class of this model (num_classes={num_classes})")
     paths = [Path(output_dir) / f"{prefix}_{i:03d}.nii.gz" for i in range(num_samples)]
@@ -193,7 +194,7 @@ def generate_volumes(
         raise FileExistsError(f"output {existing[0]} exists; pass --overwrite true to replace it")
     device = torch.device(device)
     network.eval()
-    latent_shape = tuple(network.latent_shape)  # type: ignore[arg-type]
+    latent_shape = network.latent_shape
     spatial = [n * tokenizer.downsampling_factor for n in latent_shape]
     affine = np.diag([*[float(p) for p in (pixdim or (1.0, 1.0, 1.0))], 1.0])
     if target_modality not in (*MODALITIES, "image"):

@@ -86,7 +86,7 @@ def pretokenize(
             with torch.autocast("cuda", enabled=amp and device.type == "cuda", dtype=torch.bfloat16):
                 indices = tokenizer.wrapper.encode_to_indices(images)  # [M, h, w, d]
             dtype = np.int16 if tokenizer.codebook_size <= 1 << 15 else np.int32
-            arrays = {"tokens": indices.cpu().numpy().astype(dtype)}
+            arrays: dict[str, np.ndarray] = {"tokens": indices.cpu().numpy().astype(dtype)}
             if "label" in data:
                 arrays["label"] = np.asarray(data["label"]).reshape(-1)[:1].astype(np.int64)
             _write_npz(path, **arrays)
