@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from bench_utils import markdown_table, peak_memory_mib, time_alternating, time_call
+from bench_utils import autocast, markdown_table, peak_memory_mib, time_alternating, time_call
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
 from prod9_ext import AutoencoderFSQ, AutoencoderInferenceWrapper, SlidingWindowConfig
@@ -30,27 +30,35 @@ def _networks(device: torch.device) -> tuple[AutoencoderFSQ, AutoencoderKlMaisi]
     return fsq, kl
 
 
-def _fsq_step(model: AutoencoderFSQ, x: torch.Tensor) -> None:
+def _fsq_step(model: AutoencoderFSQ, x: torch.Tensor, amp: bool) -> None:
     model.zero_grad(set_to_none=True)
-    reconstruction, _, _ = model(x)
-    torch.nn.functional.l1_loss(reconstruction, x).backward()
+    with autocast(x.device, amp):
+        reconstruction, _, _ = model(x)
+    torch.nn.functional.l1_loss(reconstruction.float(), x).backward()
 
 
-def _kl_step(model: AutoencoderKlMaisi, x: torch.Tensor) -> None:
+def _kl_step(model: AutoencoderKlMaisi, x: torch.Tensor, amp: bool) -> None:
     model.zero_grad(set_to_none=True)
-    reconstruction, z_mu, z_sigma = model(x)
+    with autocast(x.device, amp):
+        reconstruction, z_mu, z_sigma = model(x)
+    z_mu, z_sigma = z_mu.float(), z_sigma.float()
     kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-8) - 1).mean()
-    (torch.nn.functional.l1_loss(reconstruction, x) + 1e-6 * kl).backward()
+    (torch.nn.functional.l1_loss(reconstruction.float(), x) + 1e-6 * kl).backward()
 
 
-def autoencoder_overhead(size: int = 64, batch_size: int = 1, repeats: int = 7) -> tuple[str, dict]:
-    """Forward+backward time and peak memory: AutoencoderFSQ against AutoencoderKlMaisi, same encoder/decoder."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fsq, kl = _networks(device)
-    x = torch.rand(batch_size, 1, size, size, size, device=device)
-    kl_time, fsq_time = time_alternating(lambda: _kl_step(kl, x), lambda: _fsq_step(fsq, x), repeats=repeats)
-    kl_mem = peak_memory_mib(lambda: _kl_step(kl, x))
-    fsq_mem = peak_memory_mib(lambda: _fsq_step(fsq, x))
+def autoencoder_overhead(
+    size: int = 64, batch_size: int = 1, repeats: int = 7, device: str = "cpu", amp: bool = False
+) -> tuple[str, dict]:
+    """Forward+backward time and peak memory: AutoencoderFSQ against AutoencoderKlMaisi, same encoder/decoder.
+
+    ``amp``: bf16 autocast on both sides.
+    """
+    dev = torch.device(device)
+    fsq, kl = _networks(dev)
+    x = torch.rand(batch_size, 1, size, size, size, device=dev)
+    kl_time, fsq_time = time_alternating(lambda: _kl_step(kl, x, amp), lambda: _fsq_step(fsq, x, amp), repeats)
+    kl_mem = peak_memory_mib(lambda: _kl_step(kl, x, amp), dev)
+    fsq_mem = peak_memory_mib(lambda: _fsq_step(fsq, x, amp), dev)
     rows = [
         ["MONAI AutoencoderKlMaisi (KL)", str(kl_time), f"{kl_mem:.0f}", "1.00", "1.00"],
         [
@@ -62,11 +70,18 @@ def autoencoder_overhead(size: int = 64, batch_size: int = 1, repeats: int = 7) 
         ],
     ]
     table = markdown_table(
-        [f"fwd+bwd, batch {batch_size}×1×{size}³", "seconds median [min, max]", "peak MiB", "time ratio", "mem ratio"],
+        [
+            f"fwd+bwd, batch {batch_size}×1×{size}³" + (", bf16 autocast" if amp else ""),
+            "seconds median [min, max]",
+            "peak MiB",
+            "time ratio",
+            "mem ratio",
+        ],
         rows,
     )
     results = {
         "input": [batch_size, 1, size, size, size],
+        "amp": amp,
         "kl": {"seconds": kl_time.__dict__, "peak_mib": kl_mem},
         "fsq": {"seconds": fsq_time.__dict__, "peak_mib": fsq_mem},
         "time_ratio": fsq_time.median / kl_time.median,
@@ -89,21 +104,23 @@ def sliding_window_scaling(
     overlap: float = 0.25,
     shapes: tuple[tuple[int, int, int], ...] = ((64, 64, 64), (128, 128, 128), (240, 240, 155)),
     repeats: int = 1,
+    device: str = "cpu",
 ) -> tuple[str, dict]:
     """Sliding-window encode+decode time and peak memory against volume size; ratios to one ROI window."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fsq, _ = _networks(device)
+    dev = torch.device(device)
+    fsq, _ = _networks(dev)
     wrapper = AutoencoderInferenceWrapper(fsq.eval(), SlidingWindowConfig((roi,) * 3, overlap=overlap))
 
     def run(shape: tuple[int, ...]) -> None:
         with torch.no_grad():
-            wrapper.reconstruct(torch.rand(1, 1, *shape, device=device))
+            wrapper.reconstruct(torch.rand(1, 1, *shape, device=dev))
 
+    run(shapes[0])  # warm-up; each shape's memory run then warms up its own timed calls
     rows, results = [], []
     base_time = base_mem = None
     for shape in shapes:
-        seconds = time_call(lambda shape=shape: run(shape), repeats=repeats)
-        memory = peak_memory_mib(lambda shape=shape: run(shape))
+        memory = peak_memory_mib(lambda shape=shape: run(shape), dev)
+        seconds = time_call(lambda shape=shape: run(shape), repeats=repeats, warmup=0)
         windows = _num_windows(shape, roi, overlap, fsq.downsampling_factor)
         if base_time is None:
             base_time, base_mem = seconds.median, memory

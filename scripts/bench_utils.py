@@ -31,28 +31,78 @@ class Timing:
     def __str__(self) -> str:
         return f"{self.median:.4f} s [{self.min:.4f}, {self.max:.4f}]"
 
+    def scaled(self, factor: float) -> Timing:
+        """The same statistics times ``factor`` (a run extrapolated from a prefix of equally costly steps)."""
+        return Timing(self.median * factor, self.min * factor, self.max * factor, self.repeats)
+
+
+def measured(timing: Timing) -> tuple[Timing, str, dict]:
+    """A workload whose timed call is the whole run: reported as measured."""
+    return timing, "measured", {}
+
+
+@dataclass
+class Workload:
+    """One row of a timing table: what is timed, what warms it up, and how its timing becomes the reported figure.
+
+    Attributes:
+        label: the method, as the table names it.
+        params_m: parameters of the network that runs, in millions.
+        calls: the number of network calls of one reported run, in words.
+        run: the timed call.
+        warm: a short call of the same code path (e.g. one or two steps), run once before timing.
+        report: the timing of ``run`` → (reported timing, note, details); extrapolates where ``run`` is a prefix.
+    """
+
+    label: str
+    params_m: float
+    calls: str
+    run: Callable[[], object]
+    warm: Callable[[], object]
+    report: Callable[[Timing], tuple[Timing, str, dict]] = measured
+
 
 def _sync() -> None:
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
 
-def time_alternating(
-    fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int = 5, warmup: int = 1
-) -> tuple[Timing, Timing]:
-    """Time two workloads in alternation (A, B, A, B, ...), so that machine drift hits both sides of a ratio alike."""
-    for _ in range(warmup):
-        fn_a()
-        fn_b()
-    seconds: tuple[list[float], list[float]] = ([], [])
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """bf16 autocast on ``device`` (CUDA or CPU) when ``enabled``; a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def millions_of_parameters(module: torch.nn.Module) -> float:
+    """Parameter count in millions."""
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+def time_interleaved(
+    fns: Sequence[Callable[[], object]],
+    repeats: int = 3,
+    warmups: Sequence[Callable[[], object]] | None = None,
+) -> list[Timing]:
+    """Time several workloads round-robin (A, B, C, A, B, C, ...), so that machine drift hits every side alike.
+
+    ``warmups`` (one per workload; default: the workloads themselves) run once each before timing starts; a short
+    call of the same code path (e.g. one sampling step) warms up as well as a full one.
+    """
+    for warm in warmups if warmups is not None else fns:
+        warm()
+    seconds: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, samples in ((fn_a, seconds[0]), (fn_b, seconds[1])):
+        for fn, samples in zip(fns, seconds, strict=True):
             _sync()
             start = time.perf_counter()
             fn()
             _sync()
             samples.append(time.perf_counter() - start)
-    a, b = (Timing(statistics.median(s), min(s), max(s), repeats) for s in seconds)
+    return [Timing(statistics.median(s), min(s), max(s), repeats) for s in seconds]
+
+
+def time_alternating(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int = 5) -> tuple[Timing, Timing]:
+    """Time two workloads in alternation (A, B, A, B, ...) after one warm-up call of each."""
+    a, b = time_interleaved([fn_a, fn_b], repeats)
     return a, b
 
 
@@ -70,14 +120,11 @@ def time_call(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> Ti
     return Timing(statistics.median(seconds), min(seconds), max(seconds), repeats)
 
 
-def _use_mmap_for_large_allocations() -> None:
-    """Make glibc serve large blocks (>= 64 KiB) by mmap, handed back to the OS on free, so RSS follows what is in
-    use; done at import, before the benchmarks allocate anything, so no freed heap memory hides later peaks."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD; fixing it also turns off glibc's dynamic threshold
-    except (OSError, AttributeError):
-        pass
+def _set_mmap_threshold(nbytes: int) -> None:
+    """glibc ``M_MMAP_THRESHOLD``: blocks of at least ``nbytes`` are served by mmap and handed back to the OS on free
+    (fixing it also turns off glibc's dynamic threshold)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)
 
 
 def _trim_heap() -> None:
@@ -85,22 +132,21 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-_use_mmap_for_large_allocations()
-
-
 def _resident_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_memory_mib(fn: Callable[[], object], interval: float = 0.0005) -> float:
+def peak_memory_mib(fn: Callable[[], object], device: torch.device | None = None, interval: float = 0.0005) -> float:
     """Peak memory that one ``fn()`` call adds, in MiB.
 
-    On CUDA: the allocator's peak above what was allocated before the call. On CPU: the peak of the process's
-    resident set size, sampled every ``interval`` seconds by a background thread, above its size before the call
-    (large allocations are served by mmap and the heap is trimmed first, so freed memory leaves the resident set).
+    On a CUDA ``device``: the allocator's peak above what was allocated before the call. Otherwise: the peak of the
+    process's resident set size, sampled every ``interval`` seconds by a background thread, above its size before the
+    call. So that the resident set follows what is in use, the heap is trimmed first and, during the call, blocks of
+    64 KiB and more are served by mmap (freed ones leave at once); afterwards the threshold is 32 MiB, glibc's own
+    ceiling, so that timed calls run at their normal speed (serving every large block by mmap makes them ~2× slower).
     """
-    if torch.cuda.is_available():
+    if device is not None and device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -119,12 +165,14 @@ def peak_memory_mib(fn: Callable[[], object], interval: float = 0.0005) -> float
             time.sleep(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
+    _set_mmap_threshold(64 * 2**10)
     sampler.start()
     try:
         fn()
     finally:
         done.set()
         sampler.join()
+        _set_mmap_threshold(32 * 2**20)
     return (max(peak, _resident_bytes()) - base) / 2**20
 
 

@@ -1,0 +1,142 @@
+"""Generation time per volume on the same latent grid: prod9 MaskGiT against MONAI's latent diffusion and AR stacks.
+
+prod9: ``TransformerDecoder`` (hidden 256, 8 layers, 8 heads, MLP 1024, vocabulary 1000; patch size 1 up to 8³
+tokens, 2 above) with ``MaskGiTSampler``, 8/12/16 steps, with and without classifier-free guidance, conditioned on
+three source grids (T1, T1ce, T2 → FLAIR). Peers (see ``bench_diffusion`` and ``bench_autoregressive``): MONAI's
+``DiffusionModelUNet`` with DDIM-50, RFlow-30 and DDPM-1000, and MONAI's ``DecoderOnlyTransformer`` of the same
+width and depth as prod9's with ``VQVAETransformerInferer``. Every side stops at the latent grid (decoding excluded).
+
+On each grid all rows are timed round-robin (one call of each, then again), after one short warm-up call of each, so
+that machine drift hits every side of a ratio alike. The last column divides each row's median by prod9's 12-step
+row without guidance on the same grid: for a peer it is MaskGiT's speed-up.
+
+    python scripts/bench_generation.py              # prints the table
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import fire
+import torch
+from bench_autoregressive import ar_workload
+from bench_diffusion import diffusion_workloads
+from bench_utils import Workload, autocast, markdown_table, millions_of_parameters, time_interleaved
+
+from prod9_ext import MaskGiTSampler, TransformerDecoder
+
+WIDTH, DEPTH, HEADS, FFN, VOCAB = 256, 8, 8, 1024, 1000
+NUM_SOURCES = 3
+GRIDS = ((8, 8, 8), (16, 16, 16), (24, 24, 18))  # 24×24×18: a 192×192×144 brain at 8× downsampling
+
+
+def _maskgit_sample(
+    sampler: MaskGiTSampler, model: TransformerDecoder, conditions: dict, amp: bool, device: torch.device
+) -> None:
+    generator = torch.Generator(device).manual_seed(0)
+    with autocast(device, amp):
+        sampler.sample(model, (1, *model.latent_shape), generator=generator, **conditions)
+
+
+def maskgit_workloads(
+    grid: tuple[int, int, int], steps: tuple[int, ...], guidance_scale: float, device: torch.device, amp: bool
+) -> list[Workload]:
+    """prod9 rows, 12 steps unguided first; patch size 1 up to 8³ (plus one patch-2 row), 2 above; ± guidance."""
+    conditions = {
+        "target_modality": torch.tensor([3], device=device),
+        "sources": torch.randint(0, VOCAB, (1, NUM_SOURCES, *grid), device=device),
+        "source_modalities": torch.tensor([list(range(NUM_SOURCES))], device=device),
+    }
+    small = math.prod(grid) <= 8**3
+    ordered = (12, *[s for s in steps if s != 12])
+    configs = [(1 if small else 2, w, count) for w in (0.0, guidance_scale) for count in ordered]
+    if small:
+        configs.append((2, 0.0, 12))
+    models: dict[int, TransformerDecoder] = {}
+    workloads = []
+    for p, w, count in configs:
+        if p not in models:
+            torch.manual_seed(0)
+            models[p] = TransformerDecoder(DEPTH, WIDTH, HEADS, FFN, VOCAB, grid, num_modalities=4, patch_size=p)
+            models[p] = models[p].to(device).eval()
+        label = f"prod9 MaskGiT p={p} ({math.prod(grid) // p**3} positions)" + (f", guidance w={w}" if w else "")
+        calls = f"{count} steps / {count} calls" + (" (batch 2)" if w else "")
+        workloads.append(
+            Workload(
+                label=label,
+                params_m=millions_of_parameters(models[p]),
+                calls=calls,
+                run=partial(
+                    _maskgit_sample, MaskGiTSampler(count, guidance_scale=w), models[p], conditions, amp, device
+                ),
+                warm=partial(_maskgit_sample, MaskGiTSampler(1, guidance_scale=w), models[p], conditions, amp, device),
+            )
+        )
+    return workloads
+
+
+def generation_table(
+    grids: tuple[tuple[int, int, int], ...] = GRIDS,
+    steps: tuple[int, ...] = (8, 12, 16),
+    guidance_scale: float = 2.0,
+    repeats: int = 3,
+    large_tokens: int = 4096,
+    large_repeats: int = 1,
+    full_ar_tokens: int = 512,
+    ar_prefix: int = 256,
+    ddpm_prefix_steps: int = 50,
+    device: str = "cpu",
+    amp: bool = False,
+) -> tuple[str, dict]:
+    """Seconds per generated latent grid (batch 1) for every method, and each against prod9 at 12 steps.
+
+    Grids above ``large_tokens`` tokens are timed ``large_repeats`` times, the others ``repeats`` times; MONAI's AR
+    sampling is measured in full up to ``full_ar_tokens`` tokens and extrapolated from its first ``ar_prefix``
+    tokens (rounded to whole slices) above; DDPM is timed on ``ddpm_prefix_steps`` steps and scaled to 1000.
+    ``amp``: bf16 autocast on every side.
+    """
+    dev = torch.device(device)
+    rows, results = [], []
+    for grid in (tuple(g) for g in grids):
+        n = math.prod(grid)
+        count = repeats if n <= large_tokens else large_repeats
+        workloads = [
+            *maskgit_workloads(grid, steps, guidance_scale, dev, amp),  # type: ignore[arg-type]
+            *diffusion_workloads(grid, NUM_SOURCES, ddpm_prefix_steps, dev, amp),  # type: ignore[arg-type]
+            ar_workload(grid, WIDTH, DEPTH, HEADS, VOCAB, full_ar_tokens, ar_prefix, count, dev, amp),  # type: ignore[arg-type]
+        ]
+        timings = time_interleaved([w.run for w in workloads], count, warmups=[w.warm for w in workloads])
+        reported = [w.report(t) for w, t in zip(workloads, timings, strict=True)]
+        base = reported[0][0].median
+        name = "×".join(map(str, grid)) if len(set(grid)) > 1 else f"{grid[0]}³"
+        entries = []
+        for w, (timing, note, details) in zip(workloads, reported, strict=True):
+            ratio = timing.median / base
+            method = w.label if note == "measured" else f"{w.label}, {note}"
+            rows.append([name, method, f"{w.params_m:.1f}M", w.calls, str(timing), f"{ratio:.3g}"])
+            entries.append(
+                {
+                    "method": w.label,
+                    "params_m": w.params_m,
+                    "calls": w.calls,
+                    "seconds": timing.__dict__,
+                    "note": note,
+                    "time_over_prod9_12": ratio,
+                    **details,
+                }
+            )
+        results.append({"grid": list(grid), "repeats": count, "rows": entries})
+    headers = ["grid", "method", "params", "steps / calls", "seconds median [min, max]", "time / prod9 12 steps"]
+    return markdown_table(headers, rows), {"device": device, "amp": amp, "grids": results}
+
+
+def main(threads: int = 2, **kwargs) -> None:
+    """Print the generation table (``kwargs`` go to ``generation_table``)."""
+    torch.set_num_threads(threads)
+    table, _ = generation_table(**kwargs)
+    print(table)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
