@@ -18,6 +18,13 @@ from prod9_ext.data.phantoms import (
     save_phantom_preview,
 )
 from prod9_ext.data.transforms import ScaleIntensityMaskedPercentilesd, brats_transforms, medmnist_transforms
+from prod9_ext.data.validation import (
+    CheckedNibabelReader,
+    CheckImaged,
+    check_datalist,
+    check_image_file,
+    check_volume,
+)
 
 __all__ = [
     "BRATS_DATA_DIR_ENV",
@@ -28,10 +35,15 @@ __all__ = [
     "MODALITIES",
     "PHANTOM_COMPARTMENTS",
     "PHANTOM_LABELS",
+    "CheckImaged",
+    "CheckedNibabelReader",
     "MedMNIST3DItems",
     "PhantomCase",
     "ScaleIntensityMaskedPercentilesd",
     "brats_transforms",
+    "check_datalist",
+    "check_image_file",
+    "check_volume",
     "generate_phantom_case",
     "image_keys",
     "load_brats_datalist",

@@ -198,7 +198,9 @@ def _case_entry(case_dir: Path) -> dict[str, str]:
     missing = [key for key in MODALITIES if key not in found]
     if missing:
         expected = ", ".join(_expected_names(case_dir.name, key) for key in missing)
-        raise ValueError(f"Case {case_dir.name} in {case_dir.parent} is missing {expected}.")
+        others = sorted(p.name for p in case_dir.iterdir() if p.is_file() and not _FILE_PATTERN.match(p.name))
+        unrecognised = f" (files with other names there: {', '.join(others)})" if others else ""
+        raise ValueError(f"Case {case_dir.name} in {case_dir.parent} is missing {expected}{unrecognised}.")
     entry = {"case": case_dir.name}
     entry.update({key: found[key] for key in (*MODALITIES, "seg") if key in found})
     return entry

@@ -10,6 +10,7 @@ from monai.transforms import Compose
 from prod9_ext.data.brats import MODALITIES, load_brats_datalist
 from prod9_ext.data.medmnist3d import load_medmnist3d
 from prod9_ext.data.transforms import brats_transforms, medmnist_transforms
+from prod9_ext.data.validation import check_datalist
 
 __all__ = ["DATASETS", "image_keys", "load_datalist", "preprocessing"]
 
@@ -45,6 +46,9 @@ def load_datalist(
 ) -> Sequence[dict]:
     """Cases of one split: BraTS file dicts (:func:`load_brats_datalist`) or MedMNIST 3D items.
 
+    The header of every BraTS image is checked here (:func:`~prod9_ext.data.validation.check_datalist`), so a missing,
+    truncated, 2D or 4D file stops the run before anything is trained or written.
+
     Args:
         dataset: ``"brats"`` or ``"medmnist3d"``.
         dataset_dir: the data root (BraTS case folders, or the folder of the MedMNIST ``.npz`` files).
@@ -57,7 +61,9 @@ def load_datalist(
     if split not in splits:
         raise ValueError(f"split must be one of {list(splits)} for {dataset}, got {split!r}.")
     if dataset == "brats":
-        return load_brats_datalist(dataset_dir, split=splits[split], **kwargs)  # type: ignore[arg-type]
+        datalist = load_brats_datalist(dataset_dir, split=splits[split], **kwargs)  # type: ignore[arg-type]
+        check_datalist(datalist, MODALITIES)
+        return datalist
     return load_medmnist3d(medmnist_flag, split=splits[split], size=medmnist_size, dataset_dir=dataset_dir)  # type: ignore[arg-type]
 
 

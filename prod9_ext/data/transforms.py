@@ -2,7 +2,8 @@
 
 :func:`brats_transforms` (BraTS-style cases, one NIfTI file per modality)::
 
-    LoadImaged -> EnsureChannelFirstd -> Orientationd (RAS) -> Spacingd (optional) -> CropForegroundd
+    LoadImaged (CheckedNibabelReader) -> CheckImaged (one 3D volume, finite, not constant) -> EnsureChannelFirstd
+    -> Orientationd (RAS) -> Spacingd (optional) -> CropForegroundd
     -> ScaleIntensityMaskedPercentilesd (0.5-99.5 % inside the brain to [0, 1])
     -> SpatialPadd + CenterSpatialCropd to ``roi_size``            (evaluation / inference)
     -> SpatialPadd + RandSpatialCropd to ``roi_size`` + RandFlipd  (training)
@@ -43,6 +44,7 @@ from monai.transforms import (
 from monai.transforms.utils_pytorch_numpy_unification import percentile
 
 from prod9_ext.data.brats import MODALITIES
+from prod9_ext.data.validation import CheckedNibabelReader, CheckImaged
 
 __all__ = ["ScaleIntensityMaskedPercentilesd", "brats_transforms", "medmnist_transforms"]
 
@@ -123,7 +125,8 @@ def brats_transforms(
         raise ValueError("modalities must name at least one image key.")
     keys = [*image_keys, "seg"] if seg else image_keys
     transforms: list[Transform] = [
-        LoadImaged(keys, reader="NibabelReader", image_only=True),
+        LoadImaged(keys, reader=CheckedNibabelReader, image_only=True),
+        CheckImaged(image_keys),
         EnsureChannelFirstd(keys),
         Orientationd(keys, axcodes="RAS", labels=None),
     ]

@@ -1,4 +1,4 @@
-"""Checkpoints that survive a kill, and finding the one a run resumes from."""
+"""Checkpoints that survive a kill, finding the one a run resumes from, and loading one with a clear error."""
 
 from __future__ import annotations
 
@@ -8,10 +8,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from ignite.engine import Engine
 from ignite.handlers import DiskSaver
-from monai.handlers import CheckpointSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from torch import nn
 
-__all__ = ["AtomicCheckpointSaver", "latest_checkpoint"]
+from prod9_ext.engines.autoencoder_training import unwrap_parallel
+
+__all__ = [
+    "AtomicCheckpointSaver",
+    "CheckedCheckpointLoader",
+    "check_checkpoint",
+    "latest_checkpoint",
+    "read_checkpoint",
+]
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike, prefix: str = "checkpoint") -> str:
@@ -68,3 +79,102 @@ class AtomicCheckpointSaver(CheckpointSaver):
             if checkpoint is not None:
                 filename = getattr(checkpoint.save_handler, "filename", None)
                 checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, filename)
+
+
+class CheckedCheckpointLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` that names the file and what does not fit, in one line, when loading fails.
+
+    Before loading, every ``nn.Module`` of ``load_dict`` is compared with its entry in the checkpoint
+    (:func:`check_checkpoint`): a checkpoint of another network (the other bundle's, or a training checkpoint where
+    weights are expected), of other ``num_channels`` or ``fsq_levels``, or a truncated file is refused with the
+    keys or shapes that differ. Errors the loading itself raises (e.g. the FSQ quantizer's check of its levels) are
+    re-raised with the file's name. Arguments are those of :class:`monai.handlers.CheckpointLoader`.
+    """
+
+    def __call__(self, engine: Engine) -> None:
+        checkpoint = read_checkpoint(self.load_path, self.map_location)
+        check_checkpoint(self.load_path, checkpoint, self.load_dict)
+        try:
+            super().__call__(engine)
+        except (KeyError, RuntimeError, TypeError, ValueError) as err:
+            raise ValueError(f"{self.load_path}: cannot be loaded ({_first_line(err)}).") from err
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: Any = None) -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors naming ``path``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a readable PyTorch checkpoint (truncated, corrupt, or not a checkpoint).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file (check ckpt_dir).")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError ... for damaged files
+        reason = _first_line(err)
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({reason}).") from err
+
+
+def check_checkpoint(path: str | os.PathLike, checkpoint: Any, load_dict: Mapping[str, Any]) -> None:
+    """Raise one-line ``ValueError`` naming ``path`` unless ``checkpoint`` has a fitting entry for ``load_dict``.
+
+    As MONAI's ``CheckpointLoader`` does, a single object whose name is not a key of the checkpoint takes the whole
+    checkpoint (a plain ``state_dict`` such as ``model.pt``). Modules must match key for key and shape for shape.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict.")
+    names = list(load_dict)
+    entries = {names[0]: checkpoint} if len(names) == 1 and names[0] not in checkpoint else checkpoint
+    absent = [name for name in names if name not in entries]
+    if absent:
+        raise ValueError(f"{path}: has no {', '.join(map(repr, absent))} entry (it holds {_listing(entries)}).")
+    for name, obj in load_dict.items():
+        if isinstance(obj, nn.Module):
+            _check_state_dict(path, name, unwrap_parallel(obj), entries[name])
+
+
+def _check_state_dict(path: str | os.PathLike, name: str, module: nn.Module, saved: Any) -> None:
+    what = f"{path}: does not fit {name!r} ({type(module).__name__})"
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"{what}: the entry is a {type(saved).__name__}, not a state dict.")
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    if missing or unexpected:
+        same_layout = set(_prefixes(list(saved))) == set(_prefixes(list(expected)))
+        verdict = "the same network with other network_def settings" if same_layout else "another network's checkpoint"
+        raise ValueError(
+            f"{what}: keys missing: {_summary(missing, same_layout)}, unexpected: {_summary(unexpected, same_layout)}; "
+            f"{verdict}."
+        )
+    differing = [k for k in expected if tuple(torch.as_tensor(saved[k]).shape) != tuple(expected[k].shape)]
+    if differing:
+        key = differing[0]
+        found, wanted = list(torch.as_tensor(saved[key]).shape), list(expected[key].shape)
+        raise ValueError(
+            f"{what}: {len(differing)} tensors differ in shape, e.g. {key} is {found} in the checkpoint and {wanted} "
+            "in the network (other network_def settings?)."
+        )
+
+
+def _summary(keys: list[str], example: bool) -> str:
+    """``'3 (e.g. encoder.conv.weight)'`` or ``'3 (under encoder, decoder)'``; ``'0'`` for none."""
+    if not keys:
+        return "0"
+    return f"{len(keys)} (e.g. {keys[0]})" if example else f"{len(keys)} (under {', '.join(_prefixes(keys))})"
+
+
+def _prefixes(keys: list[str]) -> list[str]:
+    """The distinct first components of dotted keys, in order, e.g. ``['encoder', 'decoder']``."""
+    return list(dict.fromkeys(k.split(".")[0] for k in keys))
+
+
+def _listing(entries: Mapping) -> str:
+    names = [str(k) for k in entries]
+    return ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

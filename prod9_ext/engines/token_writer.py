@@ -30,6 +30,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
+from prod9_ext.data.validation import check_datalist
+
 __all__ = ["SaveTokensd", "inference_datalist"]
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -38,9 +40,12 @@ _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 def inference_datalist(input_files: str | Sequence[str], key: str = "image") -> list[dict[str, str]]:
     """``[{key: path}, ...]`` for a glob pattern (sorted matches) or a list of paths (kept in order).
 
+    Every file's header is checked (:func:`~prod9_ext.data.validation.check_image_file`) before any volume is
+    processed.
+
     Raises:
-        FileNotFoundError: naming the pattern that matches nothing or every listed file that does not exist, before
-            any volume is processed.
+        FileNotFoundError: naming the pattern that matches nothing or every listed file that does not exist.
+        ValueError: naming the first file that is not a readable, complete, single 3D volume.
     """
     if isinstance(input_files, (str, os.PathLike)):
         pattern = os.fspath(input_files)
@@ -54,7 +59,9 @@ def inference_datalist(input_files: str | Sequence[str], key: str = "image") -> 
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"input_files: no such file: {', '.join(missing)}")
-    return [{key: os.path.abspath(p)} for p in paths]
+    datalist = [{key: os.path.abspath(p)} for p in paths]
+    check_datalist(datalist, [key])
+    return datalist
 
 
 def _stem(filename: str) -> str:

@@ -17,6 +17,7 @@ from conftest import AUTOENCODER_BUNDLE, REPO, TINY_AUTOENCODER, run_bundle
 from monai.bundle import ConfigWorkflow
 
 from prod9_ext import AutoencoderFSQ
+from prod9_ext.engines import latest_checkpoint
 
 
 def _outputs(tmp_path: Path) -> list[str]:
@@ -83,31 +84,54 @@ def test_discriminator_trained_after_warm_up(trained: tuple[Path, str]) -> None:
     assert {int(s["step"]) for s in checkpoint["optimizer"]["state"].values()} == {4}
 
 
+def _losses(log: str) -> list[tuple[int, int, float]]:
+    """``(epoch, iteration in epoch, train_loss)`` of every StatsHandler iteration line, in order."""
+    pattern = r"Epoch: (\d+)/\d+, Iter: (\d+)/\d+ -- train_loss: ([\d.]+)"
+    return [(int(e), int(i), float(loss)) for e, i, loss in re.findall(pattern, log)]
+
+
 def test_resume_after_kill_mid_training(tmp_path: Path, phantom_dir: Path) -> None:
-    """SIGKILL a run after its first epoch's checkpoint; --resume true finishes from there."""
+    """SIGKILL a run after its first epoch's checkpoint; --resume true finishes from there, the loss curve going on.
+
+    With the adversarial term weighted 0 the loss is the reconstruction loss, and a run with the same seed draws the
+    same first batch: resumed, the network sees it with its trained weights, so the first loss is lower than the
+    killed run's first loss, which a restart from scratch would repeat exactly.
+    """
     configs = f"['{AUTOENCODER_BUNDLE / 'configs' / 'train.json'}']"
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs]
     common = [
         "--bundle_root", str(AUTOENCODER_BUNDLE), *TINY_AUTOENCODER, *_outputs(tmp_path),
-        "--dataset_dir", str(phantom_dir), "--max_epochs", "4", "--val_interval", "2",
+        "--dataset_dir", str(phantom_dir), "--max_epochs", "4", "--val_interval", "2", "--adv_weight", "0.0",
     ]  # fmt: skip
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    process = subprocess.Popen(command + common, cwd=AUTOENCODER_BUNDLE, env=env, stdout=subprocess.DEVNULL)
-    first = tmp_path / "models" / "checkpoint_epoch=1.pt"
-    deadline = time.monotonic() + 300
-    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert first.exists(), "the first epoch never finished"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    killed_log = tmp_path / "killed.log"
+    with open(killed_log, "w") as log_file:
+        process = subprocess.Popen(
+            command + common, cwd=AUTOENCODER_BUNDLE, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+        first = tmp_path / "models" / "checkpoint_epoch=1.pt"
+        deadline = time.monotonic() + 300
+        while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first.exists(), "the first epoch never finished"
+        process.send_signal(signal.SIGKILL)
+        process.wait()
     assert not (tmp_path / "models" / "checkpoint_epoch=4.pt").exists()
+    resumed_from = int(re.findall(r"epoch=(\d+)", latest_checkpoint(tmp_path / "models"))[0])
+    before = _losses(killed_log.read_text())
 
     result = run_bundle(AUTOENCODER_BUNDLE, ["train.json"], *common[2:], "--resume", "true")
     log = result.stdout + result.stderr
     assert (tmp_path / "models" / "checkpoint_epoch=4.pt").is_file()
     restored = torch.load(tmp_path / "models" / "checkpoint_epoch=4.pt", map_location="cpu", weights_only=False)
     assert restored["trainer"]["iteration"] == 8  # 2 iterations per epoch, no epoch run twice or skipped
+    assert {int(s["step"]) for s in restored["optimizer"]["state"].values()} == {8}  # Adam's state went on too
     assert set(_epoch_metrics(log)) <= {2, 4}
+
+    after = _losses(log)
+    assert [(epoch, iteration) for epoch, iteration, _ in before[:2]] == [(1, 1), (1, 2)]
+    assert after[0][:2] == (resumed_from + 1, 1) and {epoch for epoch, _, _ in after} == set(range(resumed_from + 1, 5))
+    assert after[0][2] < before[0][2]  # the same first batch, seen by the trained network
 
 
 def test_resume_without_checkpoint_is_one_clear_error(tmp_path: Path, phantom_dir: Path) -> None:

@@ -109,7 +109,7 @@ def test_glob_input_without_tokens(models: Path, tmp_path: Path) -> None:
     (tmp_path / "in" / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     _infer(models, out, str(tmp_path / "in" / "*.nii.gz"), "--save_tokens", "false")
-    assert sorted(p.name for p in out.iterdir()) == ["a_recon.nii.gz", "b_recon.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_recon.nii.gz", "b_recon.nii.gz", "run_record_inference.json"]
 
 
 def test_missing_input_file_fails_naming_it(models: Path, tmp_path: Path) -> None:

@@ -1,0 +1,133 @@
+"""Start-up checks of a bundle run's values and folders: each failure is one line naming the key and its value.
+
+A bundle calls them from its ``initialize`` list, before any network, dataset or output file is made, e.g.::
+
+    "$prod9_ext.engines.config_checks.check_ints(max_epochs=@max_epochs, batch_size=@batch_size)",
+    "$prod9_ext.engines.config_checks.check_roi_size(@roi_size, 2 ** (len(@network_def#num_channels) - 1))",
+    "$prod9_ext.engines.config_checks.check_output_dir('output_dir', @output_dir, ['*.csv'], @overwrite)"
+
+Unknown config keys are :mod:`prod9_ext.engines.config_keys`' job.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.utils import str2bool
+
+__all__ = ["check_choice", "check_ints", "check_numbers", "check_output_dir", "check_roi_size"]
+
+
+def check_ints(minimum: int = 1, **values: Any) -> None:
+    """Each keyword value must be an integer ``>= minimum`` (not a bool, not a string).
+
+    Raises:
+        ValueError: naming the key and the value, e.g. ``max_epochs must be an integer >= 1, got 'abc'.``
+    """
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}.")
+
+
+def check_numbers(minimum: float = 0.0, **values: Any) -> None:
+    """Each keyword value must be a finite number ``>= minimum`` (not a bool, not a string).
+
+    Raises:
+        ValueError: naming the key and the value.
+    """
+    for key, value in values.items():
+        valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not valid or not math.isfinite(value) or value < minimum:
+            raise ValueError(f"{key} must be a number >= {minimum}, got {value!r}.")
+
+
+def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
+    """``value`` of config key ``key`` must be one of ``choices``.
+
+    Raises:
+        ValueError: naming the key, the value and the choices.
+    """
+    options = list(choices)
+    if value not in options:
+        raise ValueError(f"{key} must be one of {options}, got {value!r}.")
+
+
+def check_roi_size(
+    roi_size: Any, factor: int, key: str = "roi_size", factor_name: str = "the network's downsampling factor"
+) -> None:
+    """``roi_size`` must be 3 positive integers, each divisible by ``factor``.
+
+    Args:
+        roi_size: the value of the config key.
+        factor: what each size must be a multiple of, e.g. ``2 ** (len(num_channels) - 1)`` for the autoencoder.
+        key: the config key, named in the error.
+        factor_name: what ``factor`` is, named in the error.
+
+    Raises:
+        ValueError: naming the key, the value and the factor, with the nearest valid size.
+    """
+    valid = isinstance(roi_size, (list, tuple)) and len(roi_size) == 3
+    valid = valid and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in roi_size)
+    if valid and all(s % factor == 0 for s in roi_size):
+        return
+    example = [max(1, math.ceil(s / factor)) * factor for s in roi_size] if valid else [factor * 16] * 3
+    raise ValueError(
+        f"{key} must be 3 integers divisible by {factor} ({factor_name}), got {roi_size!r}; e.g. {example}."
+    )
+
+
+def check_output_dir(
+    key: str,
+    directory: str | os.PathLike,
+    result_patterns: Sequence[str],
+    overwrite: bool | str = False,
+    resume: bool | str = False,
+    min_free_mb: float = 100.0,
+) -> None:
+    """A run may write into ``directory``: writable, enough free space, no earlier results in the way.
+
+    Nothing is created or written: a missing folder must be creatable (its nearest existing parent a writable folder).
+    Earlier results are files matching ``result_patterns`` (``fnmatch``, e.g. ``"model.pt"``, ``"*_recon.nii.gz"``);
+    unless ``overwrite`` or ``resume``, finding one stops the run, so a good model or earlier outputs are never
+    replaced by accident.
+
+    Args:
+        key: the config key of the folder (named in the error, e.g. ``"output_dir"``).
+        directory: the folder.
+        result_patterns: names of the files this run writes.
+        overwrite: let the run replace earlier results (``--overwrite true``).
+        resume: the run continues the results there (a resumed training run).
+        min_free_mb: the least free space, in MiB, the run starts with.
+
+    Raises:
+        FileExistsError: earlier results are there and neither ``overwrite`` nor ``resume`` is true.
+        OSError: the folder cannot be created or written (not a folder, no permission, read-only file system), or
+            its disk has less than ``min_free_mb`` MiB free.
+    """
+    folder = Path(directory).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise OSError(f"{key} {folder} cannot be created: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OSError(f"{key} {folder} is not writable ({existing}: permission denied or read-only file system).")
+    names = [p.name for p in folder.iterdir()] if existing == folder else []
+    results = sorted(name for name in names if _matches(name, result_patterns))
+    if results and not (str2bool(overwrite) or str2bool(resume)):
+        shown = ", ".join(results[:3]) + (f" and {len(results) - 3} more" if len(results) > 3 else "")
+        raise FileExistsError(
+            f"{key} {folder} already holds results ({shown}); pass --overwrite true to replace them, or choose "
+            f"another --{key}."
+        )
+    free_mb = shutil.disk_usage(existing).free / 2**20
+    if free_mb < min_free_mb:
+        raise OSError(f"{key} {folder}: only {free_mb:.0f} MiB free on its disk, the run needs {min_free_mb:g} MiB.")
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
