@@ -81,6 +81,7 @@ class Runner:
         print(f"\n[quickstart] {step.name}:\n  {shown}", flush=True)
         start = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads crawl when other jobs share the cores
         result = subprocess.run(command, cwd=step.cwd, env=env)
         if result.returncode != 0:
             raise SystemExit(f"[quickstart] {step.name} failed (exit {result.returncode}); fix it and rerun: {shown}")
