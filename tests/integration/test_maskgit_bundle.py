@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.integration.conftest import REPO, TINY_TRANSFORMER, TRANSFORMER_BUNDLE, Stage1Run, run_bundle
+from tests.integration.conftest import (
+    REPO,
+    TINY_TRANSFORMER,
+    TRANSFORMER_BUNDLE,
+    Stage1Run,
+    last_error_line,
+    run_bundle,
+)
 
 HELD_OUT = "Phantom_00004"  # the validation case of the five-case phantom set
 
@@ -119,7 +126,7 @@ def test_inference_synthesises_in_the_input_space(
         "--source_modalities", json.dumps(sources),
     )  # fmt: skip
     written = sorted(p.name for p in out.iterdir())
-    assert written == [f"{HELD_OUT}_{target}_synth.nii.gz"]
+    assert written == [f"{HELD_OUT}_{target}_synth.nii.gz", "run_record_inference.json"]
     synthesised, real = nib.load(out / written[0]), nib.load(case_dir / f"{HELD_OUT}_{target}.nii.gz")
     assert synthesised.shape == real.shape
     np.testing.assert_allclose(synthesised.affine, real.affine, atol=1e-5)
@@ -239,3 +246,70 @@ def test_two_process_gloo_training(stage1_run: Stage1Run, phantom_dir: Path, tmp
     assert state and not any(key.startswith("module.") for key in state)
     checkpoint = torch.load(tmp_path / "models" / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)
     assert checkpoint["trainer"]["iteration"] == 1  # 4 cases, 2 ranks, batch 2: one iteration per rank
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--sampler#steps", "0"], "sampler_steps must be an integer >= 1, got 0"),
+        (["--target_modality", "t5"], "target_modality"),
+        (["--roi_size", "[50,64,48]"], "roi_size [50, 64, 48] must be a multiple of the stage-1 downsampling factor 4"),
+        (["--network_def#num_layer", "2"], "num_layer"),
+    ],
+    ids=["steps_0", "unknown_target", "roi_not_divisible", "unknown_network_key"],
+)
+def test_bad_inference_settings_are_one_line(
+    stage2_run: Path, stage1_run: Stage1Run, phantom_dir: Path, tmp_path: Path, override: list[str], expected: str
+) -> None:
+    result = run_bundle(
+        TRANSFORMER_BUNDLE,
+        ["inference.json"],
+        *stage1_run.stage2_args(phantom_dir),
+        *TINY_TRANSFORMER[:10],
+        "--ckpt_dir", str(stage2_run / "models"),
+        "--output_dir", str(tmp_path / "out"),
+        "--input_files", json.dumps([str(phantom_dir / HELD_OUT)]),
+        "--source_modalities", "['t1']",
+        *override,
+        expect_failure=True,
+    )  # fmt: skip
+    assert expected in last_error_line(result)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.nii.gz"))
+
+
+def test_stage1_weights_as_stage2_model_are_one_line(stage1_run: Stage1Run, phantom_dir: Path, tmp_path: Path) -> None:
+    """A ckpt_dir holding the autoencoder's model.pt: the loader names the file and what does not fit."""
+    result = run_bundle(
+        TRANSFORMER_BUNDLE,
+        ["inference.json"],
+        *stage1_run.stage2_args(phantom_dir),
+        *TINY_TRANSFORMER[:10],
+        "--ckpt_dir", str(stage1_run.weights.parent),
+        "--output_dir", str(tmp_path / "out"),
+        "--input_files", json.dumps([str(phantom_dir / HELD_OUT)]),
+        "--source_modalities", "['t1']",
+        expect_failure=True,
+    )  # fmt: skip
+    line = last_error_line(result)
+    assert str(stage1_run.weights) in line and "another network's checkpoint" in line
+    assert not any((tmp_path / "out").glob("*.nii.gz"))
+
+
+def test_same_seed_same_synthesis_and_run_record(stage2_run: Path, stage1_run: Stage1Run, phantom_dir: Path) -> None:
+    outputs = []
+    for name in ("repeat_a", "repeat_b"):
+        run_bundle(
+            TRANSFORMER_BUNDLE,
+            ["inference.json"],
+            *stage1_run.stage2_args(phantom_dir),
+            *TINY_TRANSFORMER[:10],
+            "--ckpt_dir", str(stage2_run / "models"),
+            "--output_dir", str(stage2_run / name),
+            "--input_files", json.dumps([str(phantom_dir / HELD_OUT)]),
+            "--source_modalities", "['t1']",
+            "--seed", "7",
+        )  # fmt: skip
+        outputs.append(np.asarray(nib.load(stage2_run / name / f"{HELD_OUT}_t2_synth.nii.gz").dataobj))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    record = json.loads((stage2_run / "repeat_a" / "run_record_inference.json").read_text())
+    assert record["config"]["seed"] == 7
