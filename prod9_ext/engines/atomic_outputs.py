@@ -10,15 +10,17 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from ignite.engine import Engine
 from monai.config import PathLike
 from monai.data import NibabelWriter
 from monai.handlers import MetricsSaver
 
-__all__ = ["AtomicMetricsSaver", "AtomicNibabelWriter", "atomic_write_text", "temporary_name"]
+__all__ = ["AtomicMetricsSaver", "AtomicNibabelWriter", "atomic_save_npz", "atomic_write_text", "temporary_name"]
 
 
 def temporary_name(path: str | os.PathLike) -> Path:
@@ -34,6 +36,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     temporary = temporary_name(path)
     try:
         temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def atomic_save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], compressed: bool = False) -> None:
+    """``numpy.savez`` (or ``savez_compressed``) of ``arrays`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_name(path)
+    try:
+        with open(temporary, "wb") as file:
+            (np.savez_compressed if compressed else np.savez)(file, **arrays)  # type: ignore[arg-type]
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor, NibabelWriter
+from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from prod9_ext.data.brats import MODALITIES, case_files
+from prod9_ext.engines.atomic_outputs import AtomicNibabelWriter
 from prod9_ext.engines.stage1_link import Stage1Tokenizer
 from prod9_ext.maskgit import MaskGiTSampler
 from prod9_ext.transformer import TransformerDecoder
@@ -112,17 +113,11 @@ def synthesis_datalist(
 
 def write_nifti(path: str | os.PathLike, image: torch.Tensor, affine: Any) -> None:
     """Write ``image`` ``[1, *spatial]`` (float32) with ``affine`` to a temporary name, then rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{os.getpid()}.{path.name}")  # same suffix: nibabel picks the format from it
-    writer = NibabelWriter(output_dtype=np.float32)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    writer = AtomicNibabelWriter(output_dtype=np.float32)
     writer.set_data_array(torch.as_tensor(image).detach().float().cpu(), channel_dim=0)
     writer.set_metadata({"affine": torch.as_tensor(affine).detach().cpu().double()}, resample=False)
-    try:
-        writer.write(str(temporary), verbose=False)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    writer.write(str(path), verbose=False)
 
 
 class SaveSynthesisd(MapTransform):

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from prod9_ext.engines.atomic_outputs import atomic_save_npz
 from prod9_ext.engines.stage1_link import Stage1Tokenizer
 
 __all__ = ["pretokenize"]
@@ -30,17 +31,6 @@ logger = logging.getLogger(__name__)
 def _case_name(item: dict, index: int, prefix: str) -> str:
     name = item.get("case")
     return str(name) if name is not None else f"{prefix}{index:05d}"
-
-
-def _write_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Write to a temporary name in the same folder, then rename: a reader never sees half a file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            np.savez(file, **arrays)  # type: ignore[arg-type]
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 @torch.no_grad()
@@ -89,7 +79,7 @@ def pretokenize(
             arrays: dict[str, np.ndarray] = {"tokens": indices.cpu().numpy().astype(dtype)}
             if "label" in data:
                 arrays["label"] = np.asarray(data["label"]).reshape(-1)[:1].astype(np.int64)
-            _write_npz(path, **arrays)
+            atomic_save_npz(path, arrays)
             encoded += 1
         with np.load(path) as cached:
             entry: dict[str, Any] = {"case": name, "tokens": cached["tokens"]}

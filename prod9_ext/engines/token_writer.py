@@ -31,6 +31,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from prod9_ext.data.validation import check_datalist
+from prod9_ext.engines.atomic_outputs import atomic_save_npz
 
 __all__ = ["SaveTokensd", "inference_datalist"]
 
@@ -125,26 +126,15 @@ class SaveTokensd(MapTransform):
                     f"token grid {grid_shape.tolist()} does not match image {spatial_shape.tolist()} / "
                     f"{self.downsampling_factor} (expected {expected.tolist()}); pass one volume, not a batch."
                 )
-            self._write(
-                self.output_dir / f"{_stem(source)}_{self.output_postfix}.npz",
-                indices=indices.astype(self.index_dtype),
-                fsq_levels=self.fsq_levels,
-                grid_shape=grid_shape,
-                spatial_shape=spatial_shape,
-                affine=np.asarray(image.affine.detach().cpu(), dtype=np.float64),
-                downsampling_factor=np.asarray(self.downsampling_factor),
-                roi_size=self.roi_size,
-                source_file=np.asarray(source),
-            )
+            arrays = {
+                "indices": indices.astype(self.index_dtype),
+                "fsq_levels": self.fsq_levels,
+                "grid_shape": grid_shape,
+                "spatial_shape": spatial_shape,
+                "affine": np.asarray(image.affine.detach().cpu(), dtype=np.float64),
+                "downsampling_factor": np.asarray(self.downsampling_factor),
+                "roi_size": self.roi_size,
+                "source_file": np.asarray(source),
+            }
+            atomic_save_npz(self.output_dir / f"{_stem(source)}_{self.output_postfix}.npz", arrays, compressed=True)
         return d
-
-    @staticmethod
-    def _write(path: Path, **arrays: np.ndarray) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(temporary, "wb") as file:
-                np.savez_compressed(file, **arrays)  # type: ignore[arg-type]
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
