@@ -30,8 +30,9 @@ from collections.abc import Iterator, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any
 
-import torch
 from monai.bundle import ConfigParser
+
+from prod9_ext.engines.checkpoints import load_network_weights
 
 __all__ = ["export_bundle"]
 
@@ -144,14 +145,12 @@ def _check_weights(root: Path, weights: Path) -> None:
     parser.read_config(str(config))
     parser["bundle_root"] = str(root)
     network = parser.get_parsed_content("network_def")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
     try:
-        network.load_state_dict(state)
-    except (RuntimeError, ValueError) as err:
-        detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:3])
+        load_network_weights(weights, network, "cpu")
+    except ValueError as err:
         raise ValueError(
             f"{weights} do not fit network_def of the exported {config.name} (export with the overlay the model "
-            f"was trained with): {detail[:400]}"
+            f"was trained with): {err}"
         ) from None
 
 

@@ -7,11 +7,11 @@ from prod9_ext.engines.autoencoder_evaluation import (
     autoencoder_eval_iteration,
 )
 from prod9_ext.engines.autoencoder_training import AutoencoderGanIteration, StackModalities, build_perceptual_loss
-from prod9_ext.engines.checkpoints import AtomicCheckpointSaver, latest_checkpoint
+from prod9_ext.engines.checkpoints import AtomicCheckpointSaver, latest_checkpoint, load_network_weights
 from prod9_ext.engines.maskgit_training import MaskGiTIteration, modality_ids, num_classes
 from prod9_ext.engines.metrics_json import MetricsJsonWriter
 from prod9_ext.engines.snapshots import VolumeSnapshot, save_mid_slices
-from prod9_ext.engines.stage1_link import Stage1Tokenizer, check_stage2_setup, load_stage1_tokenizer, load_weights
+from prod9_ext.engines.stage1_link import Stage1Tokenizer, check_stage2_setup, load_stage1_tokenizer
 from prod9_ext.engines.synthesis import SynthesisInferer, synthesis_iteration
 from prod9_ext.engines.synthesis_io import SaveSynthesisd, case_meta, generate_volumes, synthesis_datalist
 from prod9_ext.engines.synthesis_metrics import RegionSSIMMetric, TokenAccuracyMetric, with_region
@@ -38,8 +38,8 @@ __all__ = [
     "check_stage2_setup",
     "generate_volumes",
     "latest_checkpoint",
+    "load_network_weights",
     "load_stage1_tokenizer",
-    "load_weights",
     "modality_ids",
     "num_classes",
     "pretokenize",

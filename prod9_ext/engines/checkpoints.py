@@ -21,6 +21,7 @@ __all__ = [
     "CheckedCheckpointLoader",
     "check_checkpoint",
     "latest_checkpoint",
+    "load_network_weights",
     "read_checkpoint",
 ]
 
@@ -98,6 +99,24 @@ class CheckedCheckpointLoader(CheckpointLoader):
             super().__call__(engine)
         except (KeyError, RuntimeError, TypeError, ValueError) as err:
             raise ValueError(f"{self.load_path}: cannot be loaded ({_first_line(err)}).") from err
+
+
+def load_network_weights(
+    path: str | os.PathLike, network: nn.Module, map_location: Any = None, name: str = "model"
+) -> nn.Module:
+    """Load a bundle's weights file (a bare state dict, or ``{name: state dict}``) into ``network``.
+
+    Raises:
+        FileNotFoundError, ValueError: one line naming ``path`` and what does not fit (see :func:`check_checkpoint`).
+    """
+    checkpoint = read_checkpoint(path, map_location)
+    check_checkpoint(path, checkpoint, {name: network})
+    state = checkpoint.get(name, checkpoint)
+    try:
+        unwrap_parallel(network).load_state_dict(state)
+    except (RuntimeError, ValueError) as err:  # e.g. the FSQ quantizer's check of its levels
+        raise ValueError(f"{path}: cannot be loaded ({_first_line(err)}).") from err
+    return network
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: Any = None) -> Any:

@@ -19,31 +19,10 @@ from monai.bundle import ConfigParser
 
 from prod9_ext.autoencoder import AutoencoderFSQ
 from prod9_ext.data.brats import MODALITIES
+from prod9_ext.engines.checkpoints import load_network_weights
 from prod9_ext.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
 
-__all__ = ["Stage1Tokenizer", "check_stage2_setup", "load_stage1_tokenizer", "load_weights"]
-
-
-def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The network state dict in a bundle's ``model.pt`` (saved bare, or as ``{"model": state dict}``).
-
-    Raises:
-        FileNotFoundError: naming ``path`` when it does not exist.
-        ValueError: naming ``path`` when it is not a readable PyTorch checkpoint (truncated, foreign).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such weights file {path}; train the bundle first or pass its ckpt_dir")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say which one, not where torch failed
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"weights file {path} cannot be read as a PyTorch checkpoint: {message}") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
-    return state
+__all__ = ["Stage1Tokenizer", "check_stage2_setup", "load_stage1_tokenizer"]
 
 
 @dataclass
@@ -132,14 +111,12 @@ def load_stage1_tokenizer(
         raise FileNotFoundError(
             f"autoencoder_weights: no such file {weights}; train stage 1 first (bundles/autoencoder_fsq, train.json)"
         )
-    state = load_weights(weights)
     try:
-        autoencoder.load_state_dict(state)
-    except (RuntimeError, ValueError) as err:
-        detail = " ".join(line.strip() for line in str(err).strip().splitlines()[:3])
+        load_network_weights(weights, autoencoder, "cpu")
+    except ValueError as err:
         raise ValueError(
             f"autoencoder_weights {weights} do not fit network_def of {', '.join(config_files)} (pass the config "
-            f"files stage 1 was trained with as autoencoder_config): {detail[:300]}"
+            f"files stage 1 was trained with as autoencoder_config): {err}"
         ) from None
     autoencoder = autoencoder.to(device).eval().requires_grad_(False)
 

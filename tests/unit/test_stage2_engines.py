@@ -17,7 +17,7 @@ from prod9_ext.engines import (
     Stage1Tokenizer,
     TokenAccuracyMetric,
     check_stage2_setup,
-    load_weights,
+    load_network_weights,
     modality_ids,
     pretokenize,
     synthesis_datalist,
@@ -143,14 +143,15 @@ def test_start_up_checks_name_the_key() -> None:
         check_stage2_setup(tokenizer, 1000, [8, 8, 4], [16, 16, 8], ["t1", "dwi"])
 
 
-def test_load_weights_errors_name_the_file(tmp_path: Path) -> None:
+def test_load_network_weights_errors_name_the_file(tmp_path: Path) -> None:
+    network = torch.nn.Linear(2, 1)
     with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
-        load_weights(tmp_path / "missing.pt")
+        load_network_weights(tmp_path / "missing.pt", network)
     truncated = tmp_path / "truncated.pt"
     torch.save({"w": torch.zeros(1000)}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:200])
-    with pytest.raises(ValueError, match=r"truncated\.pt cannot be read"):
-        load_weights(truncated)
+    with pytest.raises(ValueError, match=r"truncated\.pt: not a readable PyTorch checkpoint"):
+        load_network_weights(truncated, network)
     wrapped = tmp_path / "wrapped.pt"
-    torch.save({"model": {"w": torch.ones(2)}}, wrapped)
-    assert torch.equal(load_weights(wrapped)["w"], torch.ones(2))
+    torch.save({"model": {"weight": torch.ones(1, 2), "bias": torch.zeros(1)}}, wrapped)
+    assert torch.equal(load_network_weights(wrapped, network).weight, torch.ones(1, 2))
