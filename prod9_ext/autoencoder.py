@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi, MaisiGroupNorm3D
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from prod9_ext.fsq import FiniteScalarQuantizer
@@ -26,6 +27,9 @@ class AutoencoderFSQ(AutoencoderKlMaisi):
         use_flash_attention, use_checkpointing, use_convtranspose, num_splits, dim_split, norm_float16,
         print_info, save_mem: as in MONAI's ``AutoencoderKlMaisi`` (defaults here: no splitting, no cache
             emptying, which MAISI only needs for very large volumes on GPU).
+        fused_group_norm: replace MAISI's group norm, which loops over the groups in Python to save GPU memory,
+            by torch's fused ``nn.GroupNorm``: the same normalisation and parameter names (checkpoints load
+            either way), about twice as fast a training step on CPU. Ignored with ``norm_float16``.
         fsq_levels: values per latent channel, e.g. ``(8, 5, 5, 5)`` (1000 codes).
         latent_channels: optional; when given it must equal ``len(fsq_levels)``.
 
@@ -57,6 +61,7 @@ class AutoencoderFSQ(AutoencoderKlMaisi):
         norm_float16: bool = False,
         print_info: bool = False,
         save_mem: bool = False,
+        fused_group_norm: bool = True,
     ) -> None:
         if latent_channels is not None and latent_channels != len(fsq_levels):
             raise ValueError(
@@ -93,6 +98,8 @@ class AutoencoderFSQ(AutoencoderKlMaisi):
             save_mem=save_mem,
         )
         del self.quant_conv_log_sigma
+        if fused_group_norm and not norm_float16:
+            _fuse_group_norms(self)
         self.quantizer = quantizer
         self.spatial_dims = spatial_dims
         self.downsampling_factor = 2 ** (len(num_channels) - 1)
@@ -150,3 +157,12 @@ class AutoencoderFSQ(AutoencoderKlMaisi):
 
     def decode_stage_2_outputs(self, z: torch.Tensor) -> torch.Tensor:
         return self.decode(z)
+
+
+def _fuse_group_norms(module: nn.Module) -> None:
+    """Swap every ``MaisiGroupNorm3D`` below ``module`` for an ``nn.GroupNorm`` with the same settings."""
+    for name, child in module.named_children():
+        if isinstance(child, MaisiGroupNorm3D):
+            setattr(module, name, nn.GroupNorm(child.num_groups, child.num_channels, child.eps, child.affine))
+        else:
+            _fuse_group_norms(child)

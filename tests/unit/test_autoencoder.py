@@ -65,7 +65,13 @@ def test_kl_branch_removed() -> None:
 
 
 @pytest.mark.parametrize(
-    "options", [dict(num_splits=2, dim_split=1), dict(use_checkpointing=True), dict(num_splits=2, dim_split=2)]
+    "options",
+    [
+        dict(num_splits=2, dim_split=1),
+        dict(use_checkpointing=True),
+        dict(num_splits=2, dim_split=2),
+        dict(fused_group_norm=False),
+    ],
 )
 def test_maisi_memory_options_give_same_result(options: dict) -> None:
     torch.manual_seed(0)
@@ -79,6 +85,17 @@ def test_maisi_memory_options_give_same_result(options: dict) -> None:
         reconstruction, _, _ = other.train()(x)
         reconstruction.mean().backward()
         assert all(p.grad is not None for p in other.parameters())
+
+
+def test_fused_group_norm_replaces_maisi_loop() -> None:
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import MaisiGroupNorm3D
+
+    fused, looped = tiny_autoencoder(), tiny_autoencoder(fused_group_norm=False)
+    assert not any(isinstance(m, MaisiGroupNorm3D) for m in fused.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in fused.modules()) == sum(
+        isinstance(m, MaisiGroupNorm3D) for m in looped.modules()
+    )
+    assert fused.state_dict().keys() == looped.state_dict().keys()
 
 
 def test_autocast_quantizes_in_float32() -> None:

@@ -113,7 +113,11 @@ def test_training_sizes_come_from_the_demo_overlays() -> None:
 
 def test_stage1_tables_rows() -> None:
     table, _ = bench_stage1.autoencoder_overhead(size=16, repeats=1)
-    assert [row[0] for row in _rows(table)] == ["MONAI AutoencoderKlMaisi (KL)", "prod9 AutoencoderFSQ"]
+    assert [row[0] for row in _rows(table)] == [
+        "MONAI AutoencoderKlMaisi (KL)",
+        "prod9 AutoencoderFSQ",
+        "prod9 AutoencoderFSQ, fused GroupNorm (default)",
+    ]
     table, _ = bench_stage1.sliding_window_scaling(roi=16, shapes=((16, 16, 16), (28, 16, 16)))
     assert [row[:2] for row in _rows(table)] == [["16×16×16", "1"], ["28×16×16", "2"]]
 
