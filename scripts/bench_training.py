@@ -189,7 +189,7 @@ def training_table(
     modalities = demo["modalities"]
     workloads: list[tuple[str, str, Callable, int]] = []  # (name, unit, builder(steps), elements per step)
     for adversarial in (False, True):
-        name = f"stage 1, {batch1} cases × {len(modalities)} contrasts × {_size(roi)}" + (
+        name = f"stage 1, {batch1} case{'s' if batch1 != 1 else ''} × {len(modalities)} contrasts × {_size(roi)}" + (
             ", + patch discriminator (after the adversarial warm-up)" if adversarial else ", L1 + SSIM"
         )
         build = partial(_stage1, batch1, roi, network1, demo["discriminator"], modalities, adversarial, dev, amp)

@@ -94,7 +94,7 @@ def test_training_table_rows() -> None:
         repeats=1,
     )
     names = [row[0] for row in _rows(table)]
-    assert names[0] == "stage 1, 1 cases × 4 contrasts × 24³, L1 + SSIM"
+    assert names[0] == "stage 1, 1 case × 4 contrasts × 24³, L1 + SSIM"
     assert names[1].endswith("+ patch discriminator (after the adversarial warm-up)")
     assert names[2:] == [f"stage 2, 2 cases × {grid} target tokens (+ 3 source grids)" for grid in ("4³", "4×4×2")]
     assert data["rows"][0]["voxels_per_second"] > 0 and data["rows"][2]["tokens_per_second"] > 0
