@@ -10,6 +10,10 @@ one place). Three choices are specific to 3D token grids:
 - **Aligned source grids.** The token grids of the available source modalities share the target's grid, so they
   are embedded patch by patch and added to the target's embeddings: the sequence length does not grow with the
   number of sources, and any subset of sources (including none) is the same network.
+- **FSQ structure (optional, ``fsq_levels``).** An FSQ token is a point on a grid of levels, so neighbouring
+  tokens mean similar images. With the levels given, each token is also embedded through its code vector, and
+  the logits get a factorised term, one score per level of each channel: what the network learns about one token
+  carries over to its neighbours instead of being learned once per token.
 
 Token order: logits ``[B, N, V]`` with ``N = h * w * d`` follow the raster order of the token grid, exactly
 ``tokens.flatten(1)`` for ``tokens`` of shape ``[B, h, w, d]``.
@@ -17,11 +21,14 @@ Token order: logits ``[B, N, V]`` with ``N = h * w * d`` follow the raster order
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from prod9_ext.fsq import FiniteScalarQuantizer
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -68,19 +75,34 @@ class PatchEmbed(nn.Module):
     Every slot of the patch has its own table of ``vocab_size + 1`` rows (the last row is the mask id), and a
     patch's embedding is the sum over its slots: the same as one-hot encoding the ``p³`` tokens, concatenating
     and projecting linearly, without materialising the one-hots (``embedding_bag`` sums without a ``p³`` copy).
+
+    With ``code_vectors`` (``[V, C]``, the FSQ codes of the tokens), a linear projection of the patch's code
+    vectors is added, with one more input per slot that flags the mask id.
     """
 
-    def __init__(self, vocab_size: int, dim: int, patch_size: int) -> None:
+    def __init__(self, vocab_size: int, dim: int, patch_size: int, code_vectors: torch.Tensor | None = None) -> None:
         super().__init__()
         self.patch_size = patch_size
         slots = patch_size**3
         self.table = nn.Embedding(slots * (vocab_size + 1), dim)
         self.register_buffer("offsets", torch.arange(slots) * (vocab_size + 1), persistent=False)
         self.offsets: torch.Tensor
+        self.code_proj: nn.Linear | None = None
+        if code_vectors is not None:
+            # Row v: the code of token v and a 0 flag; the last row (mask id): a zero code and a 1 flag.
+            features = F.pad(code_vectors.float(), (0, 1))
+            features = torch.cat([features, F.one_hot(torch.tensor([features.shape[1] - 1]), features.shape[1])])
+            self.register_buffer("code_features", features.float(), persistent=False)
+            self.code_features: torch.Tensor
+            self.code_proj = nn.Linear(slots * features.shape[1], dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = patchify(tokens, self.patch_size) + self.offsets
-        return F.embedding_bag(rows.flatten(0, 1), self.table.weight, mode="sum").unflatten(0, rows.shape[:2])
+        patches = patchify(tokens, self.patch_size)
+        rows = patches + self.offsets
+        x = F.embedding_bag(rows.flatten(0, 1), self.table.weight, mode="sum").unflatten(0, rows.shape[:2])
+        if self.code_proj is not None:
+            x = x + self.code_proj(self.code_features[patches].flatten(2))
+        return x
 
 
 def patchify(tokens: torch.Tensor, p: int) -> torch.Tensor:
@@ -152,18 +174,40 @@ class AdaLNZeroBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """Modulated layer norm and a zero-initialised projection to ``out_dim`` logits per position."""
+    """Modulated layer norm and a zero-initialised projection to ``p³ × V`` logits per position.
 
-    def __init__(self, hidden_dim: int, out_dim: int) -> None:
+    With ``level_digits`` (``[V, C]``, the level index of each token in each FSQ channel), a second zero-initialised
+    projection gives one score per level of each channel, and token ``v`` gets the sum of the scores of its levels
+    on top of its own logit: a factorised prediction that every token sharing a level learns from.
+    """
+
+    def __init__(
+        self, hidden_dim: int, vocab_size: int, patch_size: int, level_digits: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
+        self.slots = patch_size**3
         self.norm = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 2 * hidden_dim))
-        self.linear = nn.Linear(hidden_dim, out_dim)
+        self.linear = nn.Linear(hidden_dim, self.slots * vocab_size)
+        self.level_linear: nn.Linear | None = None
+        if level_digits is not None:
+            # One-hot of every (channel, level) pair that each token has: [sum(levels), V].
+            sizes = (level_digits.max(dim=0).values + 1).tolist()
+            level_of_token = torch.cat([F.one_hot(level_digits[:, i], n) for i, n in enumerate(sizes)], dim=1)
+            self.register_buffer("level_of_token", level_of_token.T.float(), persistent=False)
+            self.level_of_token: torch.Tensor
+            self.level_linear = nn.Linear(hidden_dim, self.slots * sum(sizes))
         self.apply(init_weights)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``x [B, L, D]``, ``c [B, D]`` → ``[B, L, p³ × V]``."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        x = modulate(self.norm(x), shift, scale)
+        logits = self.linear(x)
+        if self.level_linear is not None:
+            level_scores = self.level_linear(x).unflatten(-1, (self.slots, -1))
+            logits = logits + (level_scores @ self.level_of_token).flatten(-2)
+        return logits
 
 
 def init_weights(module: nn.Module) -> None:
@@ -182,6 +226,8 @@ def init_weights(module: nn.Module) -> None:
         zeroed = [*module.adaLN_modulation.parameters()]
         if isinstance(module, FinalLayer):
             zeroed += module.linear.parameters()
+            if module.level_linear is not None:
+                zeroed += module.level_linear.parameters()
         for param in zeroed:
             nn.init.zeros_(param)
 
@@ -201,6 +247,9 @@ class TransformerDecoder(nn.Module):
             ``num_classes`` is the "null class" used when the label is absent or dropped.
         patch_size: ``p``; each sequence position covers ``p³`` tokens (1 for small grids, 2 at 16³ and above).
         dropout: dropout on embeddings, attention weights and residual branches.
+        fsq_levels: the FSQ levels of the tokenizer (``prod(fsq_levels) == vocab_size``), or None. Given, tokens
+            are also embedded through their code vectors and the logits get a factorised per-level term (see the
+            module docstring); the token order and the output shape do not change.
 
     The target tokens and each source grid have their own patch embedding (a source token is context of a known
     modality, a target token is either known or masked, so their roles differ). Each source's embedding plus its
@@ -223,6 +272,7 @@ class TransformerDecoder(nn.Module):
         num_classes: int = 0,
         patch_size: int = 1,
         dropout: float = 0.0,
+        fsq_levels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if patch_size < 1:
@@ -232,6 +282,14 @@ class TransformerDecoder(nn.Module):
         if min(vocab_size, num_modalities, num_classes + 1) < 1:
             sizes = f"vocab_size={vocab_size}, num_modalities={num_modalities}, num_classes={num_classes}"
             raise ValueError(f"vocab_size and num_modalities must be >= 1, num_classes >= 0; got {sizes}")
+        code_vectors = level_digits = None
+        if fsq_levels is not None:
+            if math.prod(fsq_levels) != vocab_size:
+                codes = math.prod(fsq_levels)
+                raise ValueError(f"fsq_levels {list(fsq_levels)} give {codes} codes, not vocab_size {vocab_size}")
+            quantizer = FiniteScalarQuantizer(fsq_levels)
+            code_vectors = quantizer.indices_to_codes(torch.arange(vocab_size))
+            level_digits = torch.round((code_vectors + 1) * quantizer.half_width).long()
         self.vocab_size = vocab_size
         self.latent_shape = tuple(int(n) for n in latent_shape)
         self.patch_size = patch_size
@@ -239,8 +297,8 @@ class TransformerDecoder(nn.Module):
         self.num_classes = num_classes
 
         # Sequence inputs: target tokens, aligned source grids (mixed per modality), fixed positions.
-        self.token_embed = PatchEmbed(vocab_size, hidden_dim, patch_size)
-        self.source_embed = PatchEmbed(vocab_size, hidden_dim, patch_size)
+        self.token_embed = PatchEmbed(vocab_size, hidden_dim, patch_size, code_vectors)
+        self.source_embed = PatchEmbed(vocab_size, hidden_dim, patch_size, code_vectors)
         self.source_modality_embed = nn.Embedding(num_modalities, hidden_dim)
         self.source_mixer = MLP(hidden_dim, hidden_dim, dropout)
         self.no_source = nn.Parameter(torch.zeros(hidden_dim))
@@ -251,7 +309,7 @@ class TransformerDecoder(nn.Module):
         self.class_embed = nn.Embedding(num_classes + 1, hidden_dim) if num_classes > 0 else None
         # Trunk and head: p³ × V logits per position.
         self.blocks = nn.ModuleList(AdaLNZeroBlock(hidden_dim, num_heads, ffn_dim, dropout) for _ in range(num_layers))
-        self.final_layer = FinalLayer(hidden_dim, patch_size**3 * vocab_size)
+        self.final_layer = FinalLayer(hidden_dim, vocab_size, patch_size, level_digits)
         self.apply(init_weights)
 
     def forward(

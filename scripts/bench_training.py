@@ -33,7 +33,7 @@ from prod9_ext.engines.autoencoder_training import AutoencoderGanIteration, Stac
 from prod9_ext.engines.maskgit_training import MaskGiTIteration
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-STAGE1_KEYS = ("num_channels", "num_res_blocks", "norm_num_groups", "fsq_levels")
+STAGE1_KEYS = ("num_channels", "num_res_blocks", "attention_levels", "norm_num_groups", "fsq_levels")
 STAGE2_KEYS = ("num_layers", "hidden_dim", "num_heads", "ffn_dim", "patch_size", "dropout")
 
 
@@ -65,9 +65,6 @@ def _demo() -> dict:
         "stage2_batch": stage2["batch_size"],
         "stage2_network": {key: stage2["network_def"][key] for key in STAGE2_KEYS},
     }
-
-
-VOCAB = 1000
 
 
 def _trainer(
@@ -124,14 +121,23 @@ def _stage1(
 
 
 def _stage2(
-    batch_size: int, grid: Sequence[int], network: dict, device: torch.device, amp: bool, steps: int
+    batch_size: int,
+    grid: Sequence[int],
+    network: dict,
+    fsq_levels: Sequence[int],
+    device: torch.device,
+    amp: bool,
+    steps: int,
 ) -> tuple[SupervisedTrainer, torch.nn.Module]:
-    """A stage-2 trainer over ``steps`` random batches of four token grids (T1, T1ce, T2, FLAIR)."""
+    """A stage-2 trainer over ``steps`` random batches of four token grids (T1, T1ce, T2, FLAIR) of FSQ tokens."""
     torch.manual_seed(0)
-    transformer = TransformerDecoder(vocab_size=VOCAB, latent_shape=grid, num_modalities=4, **network).to(device)
-    scheduler = MaskGiTScheduler(VOCAB)
+    vocab = math.prod(fsq_levels)
+    transformer = TransformerDecoder(
+        vocab_size=vocab, latent_shape=grid, num_modalities=4, fsq_levels=fsq_levels, **network
+    ).to(device)
+    scheduler = MaskGiTScheduler(vocab)
     iteration = MaskGiTIteration(scheduler, slot_modalities=range(4))
-    batches = [{"tokens": torch.randint(0, VOCAB, (batch_size, 4, *grid))} for _ in range(steps)]
+    batches = [{"tokens": torch.randint(0, vocab, (batch_size, 4, *grid))} for _ in range(steps)]
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     return _trainer(transformer, optimizer, iteration, scheduler.loss, batches, device, amp), transformer
 
@@ -196,7 +202,8 @@ def training_table(
         workloads.append((name, "voxels", build, batch1 * len(modalities) * math.prod(roi)))
     for grid in (tuple(g) for g in stage2_grids or demo["stage2_grids"]):
         name = f"stage 2, {batch2} cases × {_size(grid)} target tokens (+ 3 source grids)"
-        workloads.append((name, "tokens", partial(_stage2, batch2, grid, network2, dev, amp), batch2 * math.prod(grid)))
+        build = partial(_stage2, batch2, grid, network2, network1["fsq_levels"], dev, amp)
+        workloads.append((name, "tokens", build, batch2 * math.prod(grid)))
     rows, results = [], []
     for name, unit, build, elements in workloads:
         trainer, network = build(1 + repeats)

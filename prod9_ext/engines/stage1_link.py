@@ -47,6 +47,11 @@ class Stage1Tokenizer:
     weights: str
     pixdim: list[float] | None
 
+    @property
+    def fsq_levels(self) -> list[int]:
+        """The FSQ levels of the tokens (``prod(fsq_levels) == codebook_size``)."""
+        return [int(n) for n in self.wrapper.autoencoder.quantizer.levels]
+
     def grid_shape(self, roi_size: Sequence[int]) -> tuple[int, ...]:
         """Token grid of an image of ``roi_size`` voxels."""
         return self.wrapper.grid_shape(roi_size)

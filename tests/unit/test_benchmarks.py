@@ -105,8 +105,9 @@ def test_training_sizes_come_from_the_demo_overlays() -> None:
     configs = bench_training.BUNDLES / "maskgit_transformer" / "configs"
     overlay = json.loads((configs / "demo.json").read_text())
     full = json.loads((configs / "train.json").read_text())
-    assert demo["stage2_network"]["num_layers"] == overlay["network_def#num_layers"]  # the overlay wins
-    assert demo["stage2_network"]["patch_size"] == full["network_def"]["patch_size"]  # train.json fills the rest
+    for key, value in demo["stage2_network"].items():  # the overlay wins, train.json fills the rest
+        assert value == overlay.get(f"network_def#{key}", full["network_def"][key]), key
+    assert demo["stage2_network"]["num_layers"] == overlay["network_def#num_layers"]
     factor = 2 ** (len(demo["stage1_network"]["num_channels"]) - 1)
     assert demo["stage2_grids"] == (tuple(n // factor for n in overlay["roi_size"]),)
 

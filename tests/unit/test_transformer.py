@@ -12,7 +12,9 @@ from prod9_ext.transformer import AdaLNZeroBlock, SinCosPosEmbed, TransformerDec
 V = 12
 
 
-def _model(shape=(4, 4, 4), patch_size: int = 1, num_classes: int = 0, randomize: bool = True) -> TransformerDecoder:
+def _model(
+    shape=(4, 4, 4), patch_size: int = 1, num_classes: int = 0, randomize: bool = True, fsq_levels=None
+) -> TransformerDecoder:
     """A tiny model; ``randomize`` replaces the zero-initialised gates and head so that every input matters."""
     torch.manual_seed(0)
     model = TransformerDecoder(
@@ -25,6 +27,7 @@ def _model(shape=(4, 4, 4), patch_size: int = 1, num_classes: int = 0, randomize
         num_modalities=4,
         num_classes=num_classes,
         patch_size=patch_size,
+        fsq_levels=fsq_levels,
     ).eval()
     if randomize:
         with torch.no_grad():
@@ -171,6 +174,47 @@ def test_bad_arguments() -> None:
         model(tokens, target, class_label=torch.tensor([0]))
     with pytest.raises(ValueError, match=r"\(4, 6, 3\)"):
         TransformerDecoder(1, 32, 4, 64, V, (4, 6, 3), 4, patch_size=2)
+
+
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_fsq_structure_keeps_shape_and_uniform_start(patch_size: int) -> None:
+    model = _model((4, 4, 4), patch_size, randomize=False, fsq_levels=[3, 4])
+    sources = _tokens(2, masked=False)[:, None]
+    logits = model(_tokens(2), torch.tensor([1, 3]), sources, torch.tensor([[0], [2]]))
+    assert logits.shape == (2, 64, V)
+    assert torch.all(logits == 0)
+
+
+def test_fsq_level_scores_are_shared_by_tokens_with_the_same_level() -> None:
+    """With only the factorised term active, a token's logit is the sum of its channels' level scores."""
+    model = _model(fsq_levels=[3, 4])
+    with torch.no_grad():
+        model.final_layer.linear.weight.zero_()
+        model.final_layer.linear.bias.zero_()
+    logits = model(_tokens(1), torch.tensor([0]))[0]
+    # Token v has digits (v % 3, v // 3). A factorised score: logit(x, y) - logit(x', y) does not depend on y.
+    grid = logits.view(-1, 4, 3)  # [N, second digit, first digit]
+    first_channel_step = grid[:, :, 1] - grid[:, :, 0]
+    assert torch.allclose(first_channel_step, first_channel_step[:, :1].expand_as(first_channel_step), atol=1e-5)
+    assert first_channel_step.abs().max() > 0
+
+
+def test_fsq_code_embedding_makes_neighbouring_tokens_close() -> None:
+    """Before training, the code-vector path alone embeds token v closer to its grid neighbour than to a far code."""
+    model = _model(fsq_levels=[3, 4], randomize=False)
+    embed = model.token_embed
+    with torch.no_grad():
+        embed.table.weight.zero_()
+    grid = lambda v: torch.full((1, 4, 4, 4), v)  # noqa: E731
+    centre, neighbour, far = embed(grid(4)), embed(grid(5)), embed(grid(11))  # digits (1,1), (2,1), (2,3)
+    assert (centre - neighbour).norm() < (centre - far).norm()
+    masked = embed(grid(V))
+    assert not torch.allclose(masked, embed(grid(0)))
+
+
+def test_fsq_levels_must_match_vocab() -> None:
+    with pytest.raises(ValueError, match=r"fsq_levels \[5, 5\] give 25 codes, not vocab_size 12"):
+        TransformerDecoder(1, 32, 4, 64, V, (4, 4, 4), 4, fsq_levels=[5, 5])
 
 
 def _gpu_pair() -> tuple[TransformerDecoder, TransformerDecoder, dict]:
