@@ -34,7 +34,7 @@ TASKS = {"t2_from_t1": ("t2", ["t1"]), "flair_from_t1_t1ce_t2": ("flair", ["t1",
 # --smoke: every network and run as small as the chain allows (a few minutes on 2 cores).
 SMOKE_AUTOENCODER = [
     "--roi_size", "[32,32,32]",
-    "--network_def#num_channels", "[8,16,16]",
+    "--network_def#num_channels", "[8,16]",
     "--max_epochs", "1",
     "--val_interval", "1",
 ]  # fmt: skip
