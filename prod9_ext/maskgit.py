@@ -120,6 +120,14 @@ class MaskedTokenModel(Protocol):
     ) -> torch.Tensor: ...
 
 
+def _checked_shape(shape: Sequence[int], sources: torch.Tensor | None) -> tuple[int, ...]:
+    """``shape`` as a tuple, after checking that the source grids ``[B, S, h, w, d]`` have the target's grid."""
+    shape = tuple(shape)
+    if sources is not None and tuple(sources.shape[2:]) != shape[1:]:
+        raise ValueError(f"source grid shape {tuple(sources.shape[2:])} differs from target grid shape {shape[1:]}")
+    return shape
+
+
 class MaskGiTSampler:
     """Iterative parallel decoding: start all masked, fix the most confident tokens step by step.
 
@@ -195,9 +203,7 @@ class MaskGiTSampler:
             sources, source_modalities, class_label: conditions, passed to the model as they are.
             generator: on the sampling device, for reproducible samples.
         """
-        shape = tuple(shape)
-        if sources is not None and tuple(sources.shape[2:]) != shape[1:]:
-            raise ValueError(f"source grid shape {tuple(sources.shape[2:])} differs from target grid shape {shape[1:]}")
+        shape = _checked_shape(shape, sources)
         device = target_modality.device
         mask_id = model.vocab_size
         tokens = torch.full(shape, mask_id, dtype=torch.long, device=device)
@@ -216,6 +222,27 @@ class MaskGiTSampler:
             rank = confidence.argsort(dim=1, descending=True).argsort(dim=1)
             flat.copy_(torch.where(is_masked & (rank < num_fixed), candidates, flat))
         return tokens
+
+    @torch.no_grad()
+    def predict(
+        self,
+        model: MaskedTokenModel,
+        shape: Sequence[int],
+        target_modality: torch.Tensor,
+        sources: torch.Tensor | None = None,
+        source_modalities: torch.Tensor | None = None,
+        class_label: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token probabilities ``[B, N, V]`` of every position of an all-masked ``(B, h, w, d)`` grid, in one call.
+
+        Each position's distribution given the conditions alone (``softmax(logits / temperature)``, guided at the
+        full ``guidance_scale`` when w > 0); positions in row-major order of the grid. Nothing is sampled.
+        """
+        shape = _checked_shape(shape, sources)
+        tokens = torch.full(shape, model.vocab_size, dtype=torch.long, device=target_modality.device)
+        last = self.steps - 1
+        logits = self._logits(model, tokens, last, target_modality, sources, source_modalities, class_label)
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
 
     def _logits(
         self,

@@ -25,7 +25,9 @@ from prod9_ext.engines.stage1_link import Stage1Tokenizer
 from prod9_ext.maskgit import MaskGiTSampler
 from prod9_ext.transformer import TransformerDecoder
 
-__all__ = ["SynthesisInferer", "synthesis_iteration"]
+__all__ = ["DECODE_MODES", "SynthesisInferer", "synthesis_iteration"]
+
+DECODE_MODES = ("sample", "mean")
 
 
 class SynthesisInferer(Inferer):
@@ -39,11 +41,18 @@ class SynthesisInferer(Inferer):
             class-conditional, with a ``label`` in the batch).
         seed: sampling seed; item ``i`` of a run uses ``seed + i``, so results do not depend on batch order
             elsewhere in the run.
+        decode: how the target's token grid becomes an image. ``"sample"``: MaskGiT's iterative parallel decoding
+            (``sampler.sample``), one draw from the model: sharp and varied, and a guess wherever the model is
+            unsure. ``"mean"``: one model call on the all-masked grid (``sampler.predict``); each position gets its
+            expected FSQ code under the predicted distribution, and the decoder reads these continuous codes: the
+            least-squares estimate of each position's code, smooth where the model is unsure, deterministic, and
+            ``sampler.steps`` times cheaper. The mean of FSQ codes lies in the box of the level grid, between codes
+            the decoder was trained on. For synthesis scored against a real image; not for generation.
 
-    Output of :meth:`synthesize`: ``pred`` (synthesised image, ``[B, 1, *roi]`` in [0, 1]), ``tokens`` (sampled
-    grid) and, when the batch holds the real target: ``label`` (real image), ``target_tokens`` (its tokens) and,
-    with sources, ``source`` (the copy-the-source baseline: the source image closest to the target in mean
-    squared error).
+    Output of :meth:`synthesize`: ``pred`` (synthesised image, ``[B, 1, *roi]`` in [0, 1]), ``tokens`` (the sampled
+    grid; with ``decode="mean"`` the index of the code nearest to each expected code) and, when the batch holds the
+    real target: ``label`` (real image), ``target_tokens`` (its tokens) and, with sources, ``source`` (the
+    copy-the-source baseline: the source image closest to the target in mean squared error).
     """
 
     def __init__(
@@ -53,8 +62,11 @@ class SynthesisInferer(Inferer):
         target_modality: str,
         source_modalities: Sequence[str] | None = None,
         seed: int = 0,
+        decode: str = "sample",
     ) -> None:
         super().__init__()
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {list(DECODE_MODES)}, got {decode!r}")
         sources = list(source_modalities or [])
         known = (*MODALITIES, "image")
         for key, names in (("target_modality", [target_modality]), ("source_modalities", sources)):
@@ -68,6 +80,7 @@ class SynthesisInferer(Inferer):
         self.target_modality = target_modality
         self.source_modalities = sources
         self.seed = seed
+        self.decode = decode
         self._item = 0
 
     @staticmethod
@@ -105,24 +118,29 @@ class SynthesisInferer(Inferer):
             ids = [self._modality_id(key) for key in self.source_modalities]
             source_ids = torch.as_tensor(ids, device=device).expand(b, -1)
         target_ids = torch.full((b,), self._modality_id(self.target_modality), device=device)
-        samples = []
+        quantizer = self.tokenizer.wrapper.autoencoder.quantizer
+        codes = []
         for i in range(b):  # one generator per item: reproducible whatever the batch size
-            generator = torch.Generator(device).manual_seed(self.seed + self._item)
-            self._item += 1
-            samples.append(
-                self.sampler.sample(
-                    model,
-                    (1, *grid),
-                    target_ids[i : i + 1],
-                    None if sources is None else sources[i : i + 1],
-                    None if source_ids is None else source_ids[i : i + 1],
-                    None if class_label is None else class_label[i : i + 1],
-                    generator=generator,
-                )
+            conditions = (
+                target_ids[i : i + 1],
+                None if sources is None else sources[i : i + 1],
+                None if source_ids is None else source_ids[i : i + 1],
+                None if class_label is None else class_label[i : i + 1],
             )
-        tokens = torch.cat(samples)
+            seed = self.seed + self._item
+            self._item += 1
+            if self.decode == "mean":
+                probs = self.sampler.predict(model, (1, *grid), *conditions)  # [1, N, V]
+                codebook = quantizer.indices_to_codes(torch.arange(model.vocab_size, device=device))  # [V, C]
+                codes.append((probs @ codebook).transpose(1, 2).reshape(1, -1, *grid))
+            else:
+                generator = torch.Generator(device).manual_seed(seed)
+                tokens = self.sampler.sample(model, (1, *grid), *conditions, generator=generator)
+                codes.append(quantizer.indices_to_codes(tokens))
+        target_codes = torch.cat(codes)
+        tokens = quantizer.codes_to_indices(target_codes)
         # A MetaTensor, so that Invertd maps it back to the input's grid with the sources' recorded transforms.
-        pred = MetaTensor(self.tokenizer.wrapper.decode_indices(tokens, spatial).float())
+        pred = MetaTensor(self.tokenizer.wrapper.decode(target_codes, spatial).float())
         output: dict[str, torch.Tensor] = {Keys.PRED: pred}
         output["tokens"] = tokens
         target = batch.get(self.target_modality)

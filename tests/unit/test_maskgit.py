@@ -219,7 +219,32 @@ def test_sampler_bad_arguments(kwargs: dict, value: str) -> None:
         MaskGiTSampler(**kwargs)
 
 
-def test_sampler_rejects_source_grid_of_other_shape() -> None:
+@pytest.mark.parametrize("method", ["sample", "predict"])
+def test_sampler_rejects_source_grid_of_other_shape(method: str) -> None:
     sources = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    call = getattr(MaskGiTSampler(), method)
     with pytest.raises(ValueError, match=r"\(4, 4, 4\).*\(4, 4, 3\)"):
-        MaskGiTSampler().sample(RecordingModel(), (1, *GRID), torch.zeros(1, dtype=torch.long), sources=sources)
+        call(RecordingModel(), (1, *GRID), torch.zeros(1, dtype=torch.long), sources=sources)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_predict_is_one_call_on_the_all_masked_grid(temperature: float) -> None:
+    model = RecordingModel()
+    probs = MaskGiTSampler(steps=12, temperature=temperature).predict(
+        model, (2, *GRID), torch.zeros(2, dtype=torch.long)
+    )
+    assert len(model.calls) == 1
+    assert torch.all(model.calls[0]["tokens"] == V)
+    assert probs.shape == (2, N, V)
+    expected = torch.softmax(model.cond_logits / temperature, dim=-1)
+    assert torch.allclose(probs, expected.expand(2, N, V), atol=1e-6)
+
+
+@pytest.mark.parametrize("ramp", [None, "linear"])
+def test_guided_predict_uses_the_full_guidance_scale(ramp: str | None) -> None:
+    model = RecordingModel()
+    sampler = MaskGiTSampler(steps=6, guidance_scale=2.0, guidance_ramp=ramp)
+    probs = sampler.predict(model, (1, *GRID), torch.zeros(1, dtype=torch.long))
+    assert len(model.calls) == 1 and model.calls[0]["drop"].tolist() == [False, True]
+    guided = model.uncond_logits + 3.0 * (model.cond_logits - model.uncond_logits)
+    assert torch.allclose(probs[0], torch.softmax(guided, dim=-1), atol=1e-6)
