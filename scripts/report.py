@@ -40,6 +40,16 @@ def _verdict(synthesis: float, baseline: float) -> str:
     return "beats" if synthesis > baseline else "**does not beat**"
 
 
+def _method(folder: Path) -> str:
+    """How the evaluation in ``folder`` turned predicted tokens into an image, from its run record's config."""
+    config = _load(folder / "run_record_evaluate.json")["config"]
+    sampler = config["sampler"]
+    guidance = f"guidance {sampler['guidance_scale']:g}"
+    if config.get("decode_mode", "sample") == "mean":
+        return f"prod9, expected code (1 call, {guidance})"
+    return f"prod9, MaskGiT sample ({sampler['steps']} steps, {guidance}, temperature {sampler['temperature']:g})"
+
+
 def write_report(out: Path, tasks: dict[str, tuple[str, list[str]]], records: Path, smoke: bool = False) -> Path:
     """Write ``<out>/report.md`` from the metrics files of the runs and the step records; return its path."""
     stage1 = _load(out / "autoencoder" / "evaluate" / "metrics.json")["mean"]
@@ -71,7 +81,7 @@ def write_report(out: Path, tasks: dict[str, tuple[str, list[str]]], records: Pa
         mean = metrics["mean"]
         name = f"{' + '.join(s.upper() for s in sources)} → {target.upper()}"
         lines.append(
-            f"| {name} | prod9 | {_fmt(mean['val_psnr'], 2)} | {_fmt(mean['val_ssim'])} | "
+            f"| {name} | {_method(folder)} | {_fmt(mean['val_psnr'], 2)} | {_fmt(mean['val_ssim'])} | "
             f"{_fmt(mean.get('val_ssim_tumour', math.nan))} | {_fmt(mean['val_token_accuracy'])} |"
         )
         lines.append(

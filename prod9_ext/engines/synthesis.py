@@ -119,6 +119,7 @@ class SynthesisInferer(Inferer):
             source_ids = torch.as_tensor(ids, device=device).expand(b, -1)
         target_ids = torch.full((b,), self._modality_id(self.target_modality), device=device)
         quantizer = self.tokenizer.wrapper.autoencoder.quantizer
+        codebook = quantizer.indices_to_codes(torch.arange(model.vocab_size, device=device))  # [V, C]
         codes = []
         for i in range(b):  # one generator per item: reproducible whatever the batch size
             conditions = (
@@ -131,7 +132,6 @@ class SynthesisInferer(Inferer):
             self._item += 1
             if self.decode == "mean":
                 probs = self.sampler.predict(model, (1, *grid), *conditions)  # [1, N, V]
-                codebook = quantizer.indices_to_codes(torch.arange(model.vocab_size, device=device))  # [V, C]
                 codes.append((probs @ codebook).transpose(1, 2).reshape(1, -1, *grid))
             else:
                 generator = torch.Generator(device).manual_seed(seed)
