@@ -87,7 +87,7 @@ def _trainer(
         optimizer=optimizer,
         iteration_update=iteration,
         loss_function=loss_function,
-        amp=amp and device.type == "cuda",
+        amp=amp,
         amp_kwargs={"dtype": torch.bfloat16},
         **extra,
     )

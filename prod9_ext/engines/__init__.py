@@ -10,6 +10,7 @@ from prod9_ext.engines.autoencoder_training import AutoencoderGanIteration, Stac
 from prod9_ext.engines.checkpoints import AtomicCheckpointSaver, latest_checkpoint, load_network_weights
 from prod9_ext.engines.maskgit_training import MaskGiTIteration, modality_ids, num_classes
 from prod9_ext.engines.metrics_json import MetricsJsonWriter
+from prod9_ext.engines.precision import bf16_is_fast
 from prod9_ext.engines.snapshots import VolumeSnapshot, save_mid_slices
 from prod9_ext.engines.stage1_link import Stage1Tokenizer, check_stage2_setup, load_stage1_tokenizer
 from prod9_ext.engines.synthesis import SynthesisInferer, synthesis_iteration
@@ -33,6 +34,7 @@ __all__ = [
     "TokenAccuracyMetric",
     "VolumeSnapshot",
     "autoencoder_eval_iteration",
+    "bf16_is_fast",
     "build_perceptual_loss",
     "case_meta",
     "check_stage2_setup",

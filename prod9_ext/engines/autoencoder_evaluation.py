@@ -58,7 +58,7 @@ def autoencoder_eval_iteration(
         raise TypeError(f"the evaluator's inferer must be AutoencoderSlidingWindowInferer, got {engine.inferer!r}.")
     batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
     inputs, targets = batch[0], batch[1]
-    with engine.mode(engine.network), torch.autocast("cuda", enabled=engine.amp, **engine.amp_kwargs):
+    with engine.mode(engine.network), torch.autocast(engine.state.device.type, enabled=engine.amp, **engine.amp_kwargs):
         reconstruction, indices = engine.inferer.encode_decode(inputs, engine.network)
     output = {Keys.IMAGE: inputs, Keys.LABEL: targets, Keys.PRED: reconstruction.float(), "tokens": indices}
     engine.state.output = output

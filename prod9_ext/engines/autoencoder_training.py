@@ -155,7 +155,7 @@ class AutoencoderGanIteration:
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         self.discriminator.requires_grad_(False)
-        with torch.autocast("cuda", enabled=engine.amp, **engine.amp_kwargs):
+        with torch.autocast(engine.state.device.type, enabled=engine.amp, **engine.amp_kwargs):
             reconstruction, _, indices = engine.network(inputs)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         rec_loss = self.reconstruction_loss(reconstruction, targets)

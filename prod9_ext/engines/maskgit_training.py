@@ -102,7 +102,7 @@ class MaskGiTIteration:
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        with torch.autocast("cuda", enabled=engine.amp, **engine.amp_kwargs):
+        with torch.autocast(device.type, enabled=engine.amp, **engine.amp_kwargs):
             logits = engine.network(masked, target_modality, sources, source_modalities, class_label, drop)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         loss = self.scheduler.loss(logits, targets)

@@ -168,7 +168,7 @@ def synthesis_iteration(
     if engine.state.iteration == 1:
         inferer.reset()
     device = engine.state.device
-    with engine.mode(engine.network), torch.autocast("cuda", enabled=engine.amp, **engine.amp_kwargs):
+    with engine.mode(engine.network), torch.autocast(device.type, enabled=engine.amp, **engine.amp_kwargs):
         output: dict[str, Any] = inferer.synthesize(batchdata, engine.network, device)
     if "seg" in batchdata and Keys.LABEL in output:
         output["seg"] = torch.as_tensor(batchdata["seg"]).to(device)

@@ -55,14 +55,14 @@ def pretokenize(
         image_keys: the images of a case, stacked in this order (BraTS modalities, or ``["image"]``).
         cache_dir: root of the cache.
         settings: everything else that changes the tokens (pixdim, ROI, data set...), part of the fingerprint.
-        device, amp: where and how the autoencoder runs (bf16 autocast on CUDA with ``amp``).
+        device, amp: where and how the autoencoder runs (bf16 autocast with ``amp``; part of the fingerprint).
         name_prefix: names of cases without a ``case`` key.
 
     Returns:
         One dict per case: ``case`` (name), ``tokens`` (``int16 [M, h, w, d]``, int32 above 32768 codes;
         M = ``len(image_keys)``) and ``label`` when the case has one (MedMNIST class).
     """
-    recipe = json.dumps({"keys": list(image_keys), **(settings or {})}, sort_keys=True, default=str)
+    recipe = json.dumps({"keys": list(image_keys), "amp": amp, **(settings or {})}, sort_keys=True, default=str)
     folder = Path(cache_dir) / f"{tokenizer.fingerprint}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
     folder.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -73,7 +73,7 @@ def pretokenize(
         if not path.is_file():
             data = preprocessing(dict(item))
             images = torch.stack([torch.as_tensor(data[key]).float() for key in image_keys]).to(device)
-            with torch.autocast("cuda", enabled=amp and device.type == "cuda", dtype=torch.bfloat16):
+            with torch.autocast(device.type, enabled=amp, dtype=torch.bfloat16):
                 indices = tokenizer.wrapper.encode_to_indices(images)  # [M, h, w, d]
             dtype = np.int16 if tokenizer.codebook_size <= 1 << 15 else np.int32
             arrays: dict[str, np.ndarray] = {"tokens": indices.cpu().numpy().astype(dtype)}
