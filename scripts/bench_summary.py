@@ -65,7 +65,12 @@ def _tokenizer_rows(data: dict) -> list[list[str]]:
 
 def _training_rows(data: dict) -> list[list[str]]:
     return [
-        [row["workload"], f"{row['steps_per_second']:.3g} steps/s, {row['peak_mib']:.0f} MiB", "", ""]
+        [
+            row["workload"] + (", bf16 autocast" if row.get("amp") else ""),
+            f"{row['steps_per_second']:.3g} steps/s, {row['peak_mib']:.0f} MiB",
+            "",
+            "",
+        ]
         for row in data["rows"]
     ]
 

@@ -142,8 +142,8 @@ def _stage2(
     return _trainer(transformer, optimizer, iteration, scheduler.loss, batches, device, amp), transformer
 
 
-def _time_steps(trainer: SupervisedTrainer, warmup: int) -> Timing:
-    """Run ``trainer``; seconds per iteration after the first ``warmup`` ones (CUDA synchronised at each clock)."""
+def _step_seconds(trainer: SupervisedTrainer, warmup: int) -> list[float]:
+    """Run ``trainer``; seconds of each iteration after the first ``warmup`` ones (CUDA synchronised at each clock)."""
     seconds: list[float] = []
     start = [0.0]
 
@@ -162,8 +162,11 @@ def _time_steps(trainer: SupervisedTrainer, warmup: int) -> Timing:
     trainer.add_event_handler(Events.ITERATION_STARTED, started)
     trainer.add_event_handler(Events.ITERATION_COMPLETED, completed)
     trainer.run()
-    timed = seconds[warmup:]
-    return Timing(statistics.median(timed), min(timed), max(timed), len(timed))
+    return seconds[warmup:]
+
+
+def _timing(seconds: list[float]) -> Timing:
+    return Timing(statistics.median(seconds), min(seconds), max(seconds), len(seconds))
 
 
 def _size(shape: Sequence[int]) -> str:
@@ -179,13 +182,14 @@ def training_table(
     stage1_network: dict | None = None,
     repeats: int = 5,
     device: str = "cpu",
-    amp: bool = False,
+    amp: bool | None = None,
 ) -> tuple[str, dict]:
     """Steps/s, voxels or tokens/s and peak memory of stage-1 (before/after the adversarial warm-up) and stage-2 steps.
 
     Every size, batch size and network left None is the demo's. Each workload runs ``1 + repeats`` steps (the first
     is the warm-up); its peak memory comes from a separate one-step run with a fresh network (weights, gradients,
-    optimizer state and activations). ``amp``: bf16 autocast (MONAI's trainers autocast on CUDA only).
+    optimizer state and activations). ``amp``: bf16 autocast on or off; None: each workload both ways, float32 and
+    bf16 autocast runs alternating (two runs each), with the bf16 speed-up.
     """
     dev = torch.device(device)
     demo = _demo()
@@ -193,50 +197,62 @@ def training_table(
     batch1, batch2 = stage1_batch or demo["stage1_batch"], stage2_batch or demo["stage2_batch"]
     network1, network2 = stage1_network or demo["stage1_network"], stage2_network or demo["stage2_network"]
     modalities = demo["modalities"]
-    workloads: list[tuple[str, str, Callable, int]] = []  # (name, unit, builder(steps), elements per step)
+    precisions = [False, True] if amp is None else [amp]
+    workloads: list[tuple[str, str, Callable, int]] = []  # (name, unit, builder(amp, steps), elements per step)
     for adversarial in (False, True):
         name = f"stage 1, {batch1} case{'s' if batch1 != 1 else ''} × {len(modalities)} contrasts × {_size(roi)}" + (
             ", + patch discriminator (after the adversarial warm-up)" if adversarial else ", L1 + SSIM"
         )
-        build = partial(_stage1, batch1, roi, network1, demo["discriminator"], modalities, adversarial, dev, amp)
+        build = partial(_stage1, batch1, roi, network1, demo["discriminator"], modalities, adversarial, dev)
         workloads.append((name, "voxels", build, batch1 * len(modalities) * math.prod(roi)))
     for grid in (tuple(g) for g in stage2_grids or demo["stage2_grids"]):
         name = f"stage 2, {batch2} cases × {_size(grid)} target tokens (+ 3 source grids)"
-        build = partial(_stage2, batch2, grid, network2, network1["fsq_levels"], dev, amp)
+        build = partial(_stage2, batch2, grid, network2, network1["fsq_levels"], dev)
         workloads.append((name, "tokens", build, batch2 * math.prod(grid)))
     rows, results = [], []
     for name, unit, build, elements in workloads:
-        trainer, network = build(1 + repeats)
-        timing = _time_steps(trainer, warmup=1)
-        memory = peak_memory_mib(lambda build=build: build(1)[0].run(), dev)
-        per_second = elements / timing.median
-        rows.append(
-            [
-                name,
-                f"{millions_of_parameters(network):.2f}M",
-                f"{1 / timing.median:.3f} [{1 / timing.max:.3f}, {1 / timing.min:.3f}]",
-                str(timing),
-                f"{per_second:,.0f} {unit}/s",
-                f"{memory:.0f}",
-            ]
-        )
-        results.append(
-            {
-                "workload": name,
-                "params_m": millions_of_parameters(network),
-                "seconds_per_step": timing.__dict__,
-                "steps_per_second": 1 / timing.median,
-                f"{unit}_per_second": per_second,
-                "peak_mib": memory,
-            }
-        )
+        seconds: dict[bool, list[float]] = {half: [] for half in precisions}
+        for _ in range(2 if len(precisions) > 1 else 1):
+            for half in precisions:
+                seconds[half] += _step_seconds(build(half, 1 + repeats)[0], warmup=1)
+        float32 = _timing(seconds[False]) if False in seconds else None
+        for half in precisions:
+            timing = _timing(seconds[half])
+            network = build(half, 1)[1]
+            memory = peak_memory_mib(lambda build=build, half=half: build(half, 1)[0].run(), dev)
+            per_second = elements / timing.median
+            speed_up = float32.median / timing.median if half and float32 is not None else None
+            rows.append(
+                [
+                    name + (", bf16 autocast" if half else ", float32"),
+                    f"{millions_of_parameters(network):.2f}M",
+                    f"{1 / timing.median:.3f} [{1 / timing.max:.3f}, {1 / timing.min:.3f}]",
+                    str(timing),
+                    f"{per_second:,.0f} {unit}/s",
+                    f"{memory:.0f}",
+                    "" if speed_up is None else f"{speed_up:.2f}×",
+                ]
+            )
+            results.append(
+                {
+                    "workload": name,
+                    "amp": half,
+                    "params_m": millions_of_parameters(network),
+                    "seconds_per_step": timing.__dict__,
+                    "steps_per_second": 1 / timing.median,
+                    f"{unit}_per_second": per_second,
+                    "peak_mib": memory,
+                    "bf16_speed_up": speed_up,
+                }
+            )
     headers = [
-        "training step" + (" (bf16 autocast)" if amp and dev.type == "cuda" else ""),
+        "training step",
         "params",
         "steps/s median [min, max]",
         "s/step median [min, max]",
         "throughput",
         "peak MiB",
+        "bf16 speed-up (float32 s/step ÷ bf16)",
     ]
     setup = {"device": device, "amp": amp, "stage1_network": network1, "stage2_network": network2}
     return markdown_table(headers, rows), {**setup, "rows": results}

@@ -88,16 +88,25 @@ def test_training_table_rows() -> None:
         stage1_roi=(24, 24, 24),
         stage1_batch=1,
         stage1_network=TINY_STAGE1,
-        stage2_grids=((4, 4, 4), (4, 4, 2)),
+        stage2_grids=((4, 4, 2),),
         stage2_batch=2,
         stage2_network=TINY_STAGE2,
         repeats=1,
     )
     names = [row[0] for row in _rows(table)]
-    assert names[0] == "stage 1, 1 case × 4 contrasts × 24³, L1 + SSIM"
-    assert names[1].endswith("+ patch discriminator (after the adversarial warm-up)")
-    assert names[2:] == [f"stage 2, 2 cases × {grid} target tokens (+ 3 source grids)" for grid in ("4³", "4×4×2")]
-    assert data["rows"][0]["voxels_per_second"] > 0 and data["rows"][2]["tokens_per_second"] > 0
+    workloads = [
+        "stage 1, 1 case × 4 contrasts × 24³, L1 + SSIM",
+        "stage 1, 1 case × 4 contrasts × 24³, + patch discriminator (after the adversarial warm-up)",
+        "stage 2, 2 cases × 4×4×2 target tokens (+ 3 source grids)",
+    ]
+    assert names == [f"{w}, {precision}" for w in workloads for precision in ("float32", "bf16 autocast")]
+    rows = data["rows"]
+    assert [row["amp"] for row in rows] == [False, True] * 3
+    assert rows[0]["voxels_per_second"] > 0 and rows[4]["tokens_per_second"] > 0
+    for full, half in zip(rows[::2], rows[1::2], strict=True):  # the speed-up is the ratio of the two medians
+        assert full["bf16_speed_up"] is None
+        ratio = full["seconds_per_step"]["median"] / half["seconds_per_step"]["median"]
+        assert half["bf16_speed_up"] == pytest.approx(ratio)
 
 
 def test_training_sizes_come_from_the_demo_overlays() -> None:
