@@ -77,7 +77,7 @@ def _trainer(
     amp: bool,
     prepare_batch: Callable | None = None,
 ) -> SupervisedTrainer:
-    """A one-epoch ``SupervisedTrainer`` over ``batches`` with ``iteration`` as its step (bf16 autocast on CUDA)."""
+    """A one-epoch ``SupervisedTrainer`` over ``batches`` with ``iteration`` as its step (bf16 autocast if ``amp``)."""
     extra = {} if prepare_batch is None else {"prepare_batch": prepare_batch}
     return SupervisedTrainer(
         device=device,
