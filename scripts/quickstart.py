@@ -1,6 +1,6 @@
 """prod9's main job: phantoms (or your BraTS folder) -> stage 1 -> stage 2 -> synthesised volumes and a report.
 
-    python scripts/quickstart.py                          # embedded phantoms, CPU demo settings (about 20 min)
+    python scripts/quickstart.py                          # embedded phantoms, CPU demo settings (17-27 min)
     python scripts/quickstart.py --dataset_dir /data/BraTS2021   # the same on your BraTS folder (or BRATS_DATA_DIR)
 
 Every step is a command line of the bundles (``python -m monai.bundle run ...``), printed before it runs, so the
