@@ -214,18 +214,19 @@ def training_table(
         seconds: dict[bool, list[float]] = {half: [] for half in precisions}
         for _ in range(2 if len(precisions) > 1 else 1):
             for half in precisions:
-                seconds[half] += _step_seconds(build(half, 1 + repeats)[0], warmup=1)
+                trainer, network = build(half, 1 + repeats)
+                seconds[half] += _step_seconds(trainer, warmup=1)
+        params = millions_of_parameters(network)  # the same network at either precision
         float32 = _timing(seconds[False]) if False in seconds else None
         for half in precisions:
             timing = _timing(seconds[half])
-            network = build(half, 1)[1]
             memory = peak_memory_mib(lambda build=build, half=half: build(half, 1)[0].run(), dev)
             per_second = elements / timing.median
             speed_up = float32.median / timing.median if half and float32 is not None else None
             rows.append(
                 [
                     name + (", bf16 autocast" if half else ", float32"),
-                    f"{millions_of_parameters(network):.2f}M",
+                    f"{params:.2f}M",
                     f"{1 / timing.median:.3f} [{1 / timing.max:.3f}, {1 / timing.min:.3f}]",
                     str(timing),
                     f"{per_second:,.0f} {unit}/s",
@@ -237,7 +238,7 @@ def training_table(
                 {
                     "workload": name,
                     "amp": half,
-                    "params_m": millions_of_parameters(network),
+                    "params_m": params,
                     "seconds_per_step": timing.__dict__,
                     "steps_per_second": 1 / timing.median,
                     f"{unit}_per_second": per_second,
