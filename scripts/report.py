@@ -7,6 +7,8 @@ import math
 import os
 from pathlib import Path
 
+from linear_reference import BlockCode, held_out_volumes, score_block_codes
+
 STEP_TITLES = {
     "phantoms": "build the phantom data set",
     "stage1_train": "stage 1: train the FSQ autoencoder",
@@ -50,9 +52,44 @@ def _method(folder: Path) -> str:
     return f"prod9, MaskGiT sample ({sampler['steps']} steps, {guidance}, temperature {sampler['temperature']:g})"
 
 
+def _bottleneck(config: dict) -> tuple[list[int], int, str]:
+    """The stage-1 config's FSQ levels, downsampling factor and block name (e.g. ``2×2×2``)."""
+    factor = 2 ** (len(config["network_def"]["num_channels"]) - 1)
+    return list(config["network_def"]["fsq_levels"]), factor, "×".join([str(factor)] * 3)
+
+
+def _stage1_references(config: dict) -> tuple[list[str], list[tuple[float, float]]]:
+    """Block-PCA codes with the stage-1 bottleneck's size, scored on its held-out volumes: (row titles, scores).
+
+    The codes keep C = ``len(fsq_levels)`` numbers per ``f×f×f`` block rounded to the FSQ levels (a tokenizer that
+    learns nothing), the same unrounded, and C + 1 unrounded.
+    """
+    levels, factor, block = _bottleneck(config)
+    channels = len(levels)
+    codes: list[BlockCode] = [(channels, levels), (channels, None)]
+    titles = [f"block PCA, {channels} numbers per {block} block rounded to {levels} levels"]
+    titles.append(f"block PCA, {channels} numbers per block, unrounded")
+    if channels < factor**3:
+        codes.append((channels + 1, None))
+        titles.append(f"block PCA, {channels + 1} numbers per block, unrounded")
+    volumes = held_out_volumes(
+        config["dataset"],
+        config["dataset_dir"],
+        config["pixdim"],
+        config["modalities"],
+        config["medmnist_flag"],
+        config["medmnist_size"],
+    )
+    return titles, score_block_codes(volumes, factor, codes)
+
+
 def write_report(out: Path, tasks: dict[str, tuple[str, list[str]]], records: Path, smoke: bool = False) -> Path:
     """Write ``<out>/report.md`` from the metrics files of the runs and the step records; return its path."""
-    stage1 = _load(out / "autoencoder" / "evaluate" / "metrics.json")["mean"]
+    stage1_folder = out / "autoencoder" / "evaluate"
+    stage1 = _load(stage1_folder / "metrics.json")["mean"]
+    stage1_config = _load(stage1_folder / "run_record_evaluate.json")["config"]
+    levels, _, block = _bottleneck(stage1_config)
+    titles, references = _stage1_references(stage1_config)
     lines = ["# prod9 quickstart report", ""]
     if smoke:
         lines += ["**Smoke run** (tiny networks, one or two epochs): the numbers below only show the chain works.", ""]
@@ -64,10 +101,18 @@ def write_report(out: Path, tasks: dict[str, tuple[str, list[str]]], records: Pa
         "",
         "## Stage 1: FSQ autoencoder reconstruction",
         "",
-        "| PSNR (dB) | SSIM | codebook usage | perplexity |",
-        "|---|---|---|---|",
-        f"| {_fmt(stage1['val_psnr'], 2)} | {_fmt(stage1['val_ssim'])} | "
-        f"{_fmt(100 * stage1['val_codebook_usage'], 1)} % | {_fmt(stage1['val_codebook_perplexity'], 1)} |",
+        "| code | PSNR (dB) | SSIM | codebook usage | perplexity |",
+        "|---|---|---|---|---|",
+        f"| prod9 FSQ autoencoder, {levels} levels per {block} block | {_fmt(stage1['val_psnr'], 2)} | "
+        f"{_fmt(stage1['val_ssim'])} | {_fmt(100 * stage1['val_codebook_usage'], 1)} % | "
+        f"{_fmt(stage1['val_codebook_perplexity'], 1)} |",
+        *[f"| {title} | {psnr:.2f} | {ssim:.3f} | | |" for title, (psnr, ssim) in zip(titles, references, strict=True)],
+        "",
+        "Block PCA keeps the top principal components of every voxel block, fitted to these held-out volumes (so no "
+        "linear code of that size does better on them). Rounded to the FSQ levels (evenly between each component's "
+        "0.1 and 99.9 % quantiles) it is a tokenizer with stage 1's token budget that learns nothing: the baseline "
+        "for stage 1. Unrounded, it shows how far a code of that size gets without a non-linear decoder. "
+        "`python scripts/linear_reference.py` prints it for every size.",
         "",
         "## Stage 2: cross-modality synthesis",
         "",
@@ -99,8 +144,12 @@ def write_report(out: Path, tasks: dict[str, tuple[str, list[str]]], records: Pa
                 pictures.append(f"**{case}, {name}** (rows: closest source, synthesised, real; three mid planes)")
                 pictures += ["", f"![{case} {task}]({os.path.relpath(png, out)})", ""]
     psnr_goal = "meets" if stage1["val_psnr"] >= 28 else "**misses**"
+    baseline_psnr, baseline_ssim = references[0]
     lines += [
         "",
+        f"- Stage 1 {_verdict(stage1['val_psnr'], baseline_psnr)} the rounded block-PCA tokenizer on PSNR "
+        f"({_fmt(stage1['val_psnr'], 2)} vs {baseline_psnr:.2f} dB) and {_verdict(stage1['val_ssim'], baseline_ssim)} "
+        f"it on SSIM ({_fmt(stage1['val_ssim'])} vs {baseline_ssim:.3f}).",
         *verdicts,
         f"- Stage-1 reconstruction PSNR {psnr_goal} the 28 dB goal ({_fmt(stage1['val_psnr'], 2)} dB).",
         "",

@@ -12,6 +12,7 @@ from prod9_ext.engines.maskgit_training import MaskGiTIteration, modality_ids, n
 from prod9_ext.engines.metrics_json import MetricsJsonWriter
 from prod9_ext.engines.precision import bf16_is_fast
 from prod9_ext.engines.snapshots import VolumeSnapshot, save_mid_slices
+from prod9_ext.engines.ssim_loss import SeparableSSIMLoss
 from prod9_ext.engines.stage1_link import Stage1Tokenizer, check_stage2_setup, load_stage1_tokenizer
 from prod9_ext.engines.synthesis import SynthesisInferer, synthesis_iteration
 from prod9_ext.engines.synthesis_io import SaveSynthesisd, case_meta, generate_volumes, synthesis_datalist
@@ -28,6 +29,7 @@ __all__ = [
     "ReconstructionSnapshot",
     "RegionSSIMMetric",
     "SaveSynthesisd",
+    "SeparableSSIMLoss",
     "StackModalities",
     "Stage1Tokenizer",
     "SynthesisInferer",

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
-from monai.losses import PatchAdversarialLoss, SSIMLoss
+from monai.losses import PatchAdversarialLoss
 from monai.utils import CommonKeys as Keys
 from torch import nn
+
+from prod9_ext.engines.ssim_loss import SeparableSSIMLoss
 
 __all__ = ["AutoencoderGanIteration", "StackModalities", "build_perceptual_loss"]
 
@@ -119,7 +121,7 @@ class AutoencoderGanIteration:
         self.d_optimizer = d_optimizer
         self.l1_weight = l1_weight
         self.ssim_weight = ssim_weight
-        self.ssim_loss = SSIMLoss(spatial_dims=spatial_dims, data_range=1.0, win_size=ssim_window)
+        self.ssim_loss = SeparableSSIMLoss(spatial_dims=spatial_dims, data_range=1.0, win_size=ssim_window)
         self.adv_weight = adv_weight
         self.adv_warmup_iterations = adv_warmup_iterations
         self.max_adaptive_weight = max_adaptive_weight
