@@ -1,12 +1,14 @@
-"""Stage-1 benchmark tables: the cost of FSQ over MAISI's KL autoencoder, and sliding-window scaling."""
+"""Stage-1 benchmark tables: the cost of FSQ over MAISI's KL autoencoder, the SSIM loss, sliding-window scaling."""
 
 from __future__ import annotations
 
 import torch
 from bench_utils import autocast, markdown_table, peak_memory_mib, time_alternating, time_call
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+from monai.losses import SSIMLoss
 
 from prod9_ext import AutoencoderFSQ, AutoencoderInferenceWrapper, SlidingWindowConfig
+from prod9_ext.engines import SeparableSSIMLoss
 
 # The same encoder/decoder for both sides of every ratio.
 NETWORK = dict(
@@ -102,6 +104,40 @@ def autoencoder_overhead(
         "fused_time_ratio": fused_time.median / kl_time.median,
     }
     return table, results
+
+
+def ssim_loss_table(
+    inputs: tuple[tuple[int, ...], ...] = ((4, 1, 32, 32, 32), (8, 1, 64, 64, 64)),
+    repeats: int = 5,
+    device: str = "cpu",
+) -> tuple[str, dict]:
+    """Forward+backward time of the SSIM loss (7-voxel Gaussian window): MONAI's ``SSIMLoss`` against prod9's.
+
+    The default sizes are the stage-1 training batches: the CPU demo's (one case's 4 contrasts, 32³ crops) and the
+    bundle's (2 cases × 4 contrasts, 64³ crops).
+    """
+    dev = torch.device(device)
+    monai_loss = SSIMLoss(spatial_dims=3, data_range=1.0, win_size=7)
+    prod9_loss = SeparableSSIMLoss(spatial_dims=3, data_range=1.0, win_size=7).to(dev)
+    rows, results = [], []
+    for shape in inputs:
+        generator = torch.Generator(device=dev).manual_seed(0)
+        target = torch.rand(shape, device=dev, generator=generator)
+        prediction = (target + 0.1 * torch.randn(shape, device=dev, generator=generator)).requires_grad_()
+
+        def step(loss: torch.nn.Module, prediction: torch.Tensor = prediction, target: torch.Tensor = target) -> None:
+            prediction.grad = None
+            loss(prediction, target).backward()
+
+        monai_time, prod9_time = time_alternating(lambda: step(monai_loss), lambda: step(prod9_loss), repeats)
+        speed_up = monai_time.median / prod9_time.median
+        label = "×".join(map(str, shape))
+        rows.append([label, str(monai_time), str(prod9_time), f"{speed_up:.1f}"])
+        results.append(
+            {"input": shape, "monai": monai_time.__dict__, "prod9": prod9_time.__dict__, "speed_up": speed_up}
+        )
+    headers = ["fwd+bwd, input", "MONAI SSIMLoss s [min, max]", "prod9 SeparableSSIMLoss s [min, max]", "speed-up"]
+    return markdown_table(headers, rows), {"rows": results}
 
 
 def _num_windows(shape: tuple[int, ...], roi: int, overlap: float, factor: int) -> int:

@@ -130,6 +130,10 @@ def test_stage1_tables_rows() -> None:
     ]
     table, _ = bench_stage1.sliding_window_scaling(roi=16, shapes=((16, 16, 16), (28, 16, 16)))
     assert [row[:2] for row in _rows(table)] == [["16×16×16", "1"], ["28×16×16", "2"]]
+    table, results = bench_stage1.ssim_loss_table(inputs=((2, 1, 12, 12, 12),), repeats=1)
+    assert [row[0] for row in _rows(table)] == ["2×1×12×12×12"]
+    row = results["rows"][0]
+    assert row["speed_up"] == pytest.approx(row["monai"]["median"] / row["prod9"]["median"])
 
 
 def test_profiles_name_existing_tables() -> None:
