@@ -63,8 +63,10 @@ class SeparableSSIMLoss(nn.Module):
             length = x.shape[axis] - len(taps) + 1
             if length < 1:
                 raise ValueError(f"each spatial size must be at least win_size {len(taps)}, got {tuple(x.shape[1:])}.")
-            shifted = [w * x.narrow(axis, i, length) for i, w in enumerate(taps)]
-            x = torch.stack(shifted).sum(dim=0) if len(shifted) > 1 else shifted[0]
+            filtered = taps[0] * x.narrow(axis, 0, length)
+            for i, weight in enumerate(taps[1:], start=1):
+                filtered = filtered.add_(x.narrow(axis, i, length), alpha=weight)
+            x = filtered
         return x
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
