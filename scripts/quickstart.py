@@ -1,7 +1,10 @@
 """prod9's main job: phantoms (or your BraTS folder) -> stage 1 -> stage 2 -> synthesised volumes and a report.
 
-    python scripts/quickstart.py                          # embedded phantoms, CPU demo settings (17-27 min)
+    python scripts/quickstart.py                          # embedded phantoms, CPU demo settings (about 18 min)
     python scripts/quickstart.py --dataset_dir /data/BraTS2021   # the same on your BraTS folder (or BRATS_DATA_DIR)
+
+About 18 minutes on the project's 2-core CPU, which runs bf16 autocast in hardware (AMX); on a CPU without AMX or
+AVX512-BF16 the steps run in float32 and take 1.3-2x as long.
 
 Every step is a command line of the bundles (``python -m monai.bundle run ...``), printed before it runs, so the
 report ends with the exact commands to rerun any step. Each finished step leaves a record in
