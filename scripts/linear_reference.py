@@ -8,8 +8,8 @@ best linear code of the same size: every block keeps its top ``C`` principal com
   them: its PSNR tells how much of a reconstruction goal the bottleneck's size allows a linear code (a non-linear
   decoder that also sees the neighbouring blocks can go further).
 * Rounded like the tokens, each kept component to as many evenly spaced values as its FSQ channel has levels
-  (between the component's 0.1 and 99.9 % quantiles), it is a tokenizer with the autoencoder's token budget that
-  learns nothing: the baseline a trained stage 1 has to beat.
+  (between the component's 0.1 and 99.9 % quantiles), it is an untrained linear tokenizer with the autoencoder's
+  token budget: the baseline a trained stage 1 has to beat (fitted to the volumes it scores, it is favoured).
 
     python scripts/linear_reference.py --dataset_dir outputs/quickstart/data --pixdim "[3.0,3.0,3.0]" --factor 2
 """

@@ -61,8 +61,8 @@ def _bottleneck(config: dict) -> tuple[list[int], int, str]:
 def _stage1_references(config: dict) -> tuple[list[str], list[tuple[float, float]]]:
     """Block-PCA codes with the stage-1 bottleneck's size, scored on its held-out volumes: (row titles, scores).
 
-    The codes keep C = ``len(fsq_levels)`` numbers per ``f×f×f`` block rounded to the FSQ levels (a tokenizer that
-    learns nothing), the same unrounded, and C + 1 unrounded.
+    The codes keep C = ``len(fsq_levels)`` numbers per ``f×f×f`` block rounded to the FSQ levels (an untrained linear
+    tokenizer), the same unrounded, and C + 1 unrounded.
     """
     levels, factor, block = _bottleneck(config)
     channels = len(levels)
@@ -110,7 +110,7 @@ def write_report(out: Path, tasks: dict[str, tuple[str, list[str]]], records: Pa
         "",
         "Block PCA keeps the top principal components of every voxel block, fitted to these held-out volumes (so no "
         "linear code of that size does better on them). Rounded to the FSQ levels (evenly between each component's "
-        "0.1 and 99.9 % quantiles) it is a tokenizer with stage 1's token budget that learns nothing: the baseline "
+        "0.1 and 99.9 % quantiles) it is an untrained linear tokenizer with stage 1's token budget: the baseline "
         "for stage 1. Unrounded, it shows how far a code of that size gets without a non-linear decoder. "
         "`python scripts/linear_reference.py` prints it for every size.",
         "",
