@@ -118,7 +118,7 @@ def ssim_loss_table(
     """
     dev = torch.device(device)
     monai_loss = SSIMLoss(spatial_dims=3, data_range=1.0, win_size=7)
-    prod9_loss = SeparableSSIMLoss(spatial_dims=3, data_range=1.0, win_size=7).to(dev)
+    prod9_loss = SeparableSSIMLoss(spatial_dims=3, data_range=1.0, win_size=7)
     rows, results = [], []
     for shape in inputs:
         generator = torch.Generator(device=dev).manual_seed(0)

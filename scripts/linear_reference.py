@@ -37,7 +37,7 @@ BlockCode = tuple[int, Sequence[int] | None]
 def _blocks(volume: torch.Tensor, factor: int) -> torch.Tensor:
     """``[1, X, Y, Z]`` -> ``[N, f³]`` float64 blocks (zero-padded at the far end of each axis to a multiple of f)."""
     pad = [p for n in reversed(volume.shape[1:]) for p in (0, (-n) % factor)]
-    x = F.pad(torch.as_tensor(volume)[0].double(), pad)
+    x = F.pad(volume[0].double(), pad)
     a, b, c = (n // factor for n in x.shape)
     x = x.reshape(a, factor, b, factor, c, factor).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(a * b * c, factor**3)
@@ -139,7 +139,7 @@ def score_block_codes(
     psnr = [PSNRMetric(max_val=1.0) for _ in codes]
     ssim = [SSIMMetric(spatial_dims=3, data_range=1.0, win_size=7) for _ in codes]
     for volume in volumes():
-        target = torch.as_tensor(volume).float().unsqueeze(0)
+        target = volume.float().unsqueeze(0)
         for code, psnr_metric, ssim_metric in zip(codes, psnr, ssim, strict=True):
             prediction = pca.reconstruct(volume, code).unsqueeze(0)
             psnr_metric(prediction, target)

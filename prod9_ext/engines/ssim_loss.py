@@ -29,8 +29,6 @@ class SeparableSSIMLoss(nn.Module):
         k1, k2: SSIM's stability constants.
     """
 
-    kernel: torch.Tensor
-
     def __init__(
         self,
         spatial_dims: int = 3,
@@ -50,7 +48,7 @@ class SeparableSSIMLoss(nn.Module):
         self.c2 = (k2 * data_range) ** 2
         offsets = torch.arange(start=(1 - win_size) / 2, end=(1 + win_size) / 2, step=1)  # MONAI's gaussian_1d
         gauss = torch.exp(-((offsets / kernel_sigma) ** 2) / 2)
-        self.register_buffer("kernel", gauss / gauss.sum(), persistent=False)
+        self.taps: tuple[float, ...] = tuple((gauss / gauss.sum()).tolist())
 
     def _filter(self, x: torch.Tensor) -> torch.Tensor:
         """Gaussian-filter ``x [N, *spatial]`` along every spatial axis, without padding.
@@ -58,13 +56,13 @@ class SeparableSSIMLoss(nn.Module):
         Each axis is a weighted sum of ``k`` shifted views: elementwise work that runs several times faster than
         a one-channel convolution with a 1-D kernel on a CPU.
         """
-        taps = self.kernel.tolist()
+        window = len(self.taps)
         for axis in range(1, x.ndim):
-            length = x.shape[axis] - len(taps) + 1
+            length = x.shape[axis] - window + 1
             if length < 1:
-                raise ValueError(f"each spatial size must be at least win_size {len(taps)}, got {tuple(x.shape[1:])}.")
-            filtered = taps[0] * x.narrow(axis, 0, length)
-            for i, weight in enumerate(taps[1:], start=1):
+                raise ValueError(f"each spatial size must be at least win_size {window}, got {tuple(x.shape[1:])}.")
+            filtered = self.taps[0] * x.narrow(axis, 0, length)
+            for i, weight in enumerate(self.taps[1:], start=1):
                 filtered = filtered.add_(x.narrow(axis, i, length), alpha=weight)
             x = filtered
         return x
