@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 from linear_reference import BlockCode, held_out_volumes, score_block_codes
@@ -58,13 +59,14 @@ def _bottleneck(config: dict) -> tuple[list[int], int, str]:
     return list(config["network_def"]["fsq_levels"]), factor, "×".join([str(factor)] * 3)
 
 
-def _stage1_references(config: dict) -> tuple[list[str], list[tuple[float, float]]]:
+def _stage1_references(
+    config: dict, levels: list[int], factor: int, block: str
+) -> tuple[list[str], list[tuple[float, float]]]:
     """Block-PCA codes with the stage-1 bottleneck's size, scored on its held-out volumes: (row titles, scores).
 
-    The codes keep C = ``len(fsq_levels)`` numbers per ``f×f×f`` block rounded to the FSQ levels (an untrained linear
+    The codes keep C = ``len(levels)`` numbers per ``f×f×f`` block rounded to the FSQ levels (an untrained linear
     tokenizer), the same unrounded, and C + 1 unrounded.
     """
-    levels, factor, block = _bottleneck(config)
     channels = len(levels)
     codes: list[BlockCode] = [(channels, levels), (channels, None)]
     titles = [f"block PCA, {channels} numbers per {block} block rounded to {levels} levels"]
@@ -88,8 +90,10 @@ def write_report(out: Path, tasks: dict[str, tuple[str, list[str]]], records: Pa
     stage1_folder = out / "autoencoder" / "evaluate"
     stage1 = _load(stage1_folder / "metrics.json")["mean"]
     stage1_config = _load(stage1_folder / "run_record_evaluate.json")["config"]
-    levels, _, block = _bottleneck(stage1_config)
-    titles, references = _stage1_references(stage1_config)
+    levels, factor, block = _bottleneck(stage1_config)
+    scoring_started = time.perf_counter()
+    titles, references = _stage1_references(stage1_config, levels, factor, block)
+    scoring_seconds = time.perf_counter() - scoring_started
     lines = ["# prod9 quickstart report", ""]
     if smoke:
         lines += ["**Smoke run** (tiny networks, one or two epochs): the numbers below only show the chain works.", ""]
@@ -167,6 +171,8 @@ def write_report(out: Path, tasks: dict[str, tuple[str, list[str]]], records: Pa
         title = STEP_TITLES.get(path.stem) or _task_title(path.stem, tasks)
         lines.append(f"| {title} | {record['seconds'] / 60:.1f} |")
         commands += [f"# {title}", record["command"]]
+    total += scoring_seconds
+    lines.append(f"| report: score the block-PCA codes on the held-out cases | {scoring_seconds / 60:.1f} |")
     lines += [f"| **total** | **{total / 60:.1f}** |", "", "Rerun any step from the repository root:", "", "```bash"]
     lines += [*commands, "```", "", "## Cases", "", *pictures]
     report = out / "report.md"

@@ -24,6 +24,7 @@ def test_quickstart_smoke_end_to_end_and_rerun(tmp_path: Path) -> None:
 
     report = (tmp_path / "report.md").read_text()
     assert "python -m monai.bundle run" in report and "| **total** |" in report
+    assert "| report: score the block-PCA codes on the held-out cases |" in report  # its time counts too
     stage1 = json.loads((tmp_path / "autoencoder" / "evaluate" / "metrics.json").read_text())["mean"]
     assert all(math.isfinite(stage1[k]) for k in ("val_psnr", "val_ssim", "val_codebook_usage"))
     references = [line.split("|") for line in report.splitlines() if line.startswith("| block PCA")]
