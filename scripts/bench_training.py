@@ -33,7 +33,14 @@ from prod9_ext.engines.autoencoder_training import AutoencoderGanIteration, Stac
 from prod9_ext.engines.maskgit_training import MaskGiTIteration
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
-STAGE1_KEYS = ("num_channels", "num_res_blocks", "attention_levels", "norm_num_groups", "fsq_levels")
+STAGE1_KEYS = (
+    "num_channels",
+    "num_res_blocks",
+    "attention_levels",
+    "norm_num_groups",
+    "fsq_levels",
+    "use_convtranspose",
+)
 STAGE2_KEYS = ("num_layers", "hidden_dim", "num_heads", "ffn_dim", "patch_size", "dropout")
 
 

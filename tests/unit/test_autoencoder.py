@@ -125,3 +125,17 @@ def test_checkpoint_with_other_levels_is_refused() -> None:
     saved = tiny_autoencoder(fsq_levels=(8, 8, 8, 5)).state_dict()
     with pytest.raises(ValueError, match="fsq_levels"):
         tiny_autoencoder().load_state_dict(saved)
+
+
+@pytest.mark.parametrize("use_convtranspose", [False, True])
+def test_trace_follows_the_input_shape_with_either_upsampling(use_convtranspose: bool) -> None:
+    # the CPU demo upsamples by transposed convolution, the BraTS default by interpolation: both must export
+    model = tiny_autoencoder(use_convtranspose=use_convtranspose).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.rand(1, 1, 16, 16, 16))
+        for shape in ((1, 1, 16, 16, 16), (2, 1, 24, 8, 32)):  # the traced shape and another one
+            x = torch.rand(shape)
+            expected, got = model(x), traced(x)
+            assert got[0].shape == x.shape
+            torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+            assert torch.equal(got[2], expected[2])
