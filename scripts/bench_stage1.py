@@ -1,8 +1,9 @@
-"""Stage-1 benchmark tables: the cost of FSQ over MAISI's KL autoencoder, the SSIM loss, sliding-window scaling."""
+"""Stage-1 benchmark tables: FSQ against MAISI's KL autoencoder, the SSIM loss, the upsampling, sliding windows."""
 
 from __future__ import annotations
 
 import torch
+from bench_training import demo_stage1_network
 from bench_utils import autocast, markdown_table, peak_memory_mib, time_alternating, time_call
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 from monai.losses import SSIMLoss
@@ -138,6 +139,43 @@ def ssim_loss_table(
         )
     headers = ["fwd+bwd, input", "MONAI SSIMLoss s [min, max]", "prod9 SeparableSSIMLoss s [min, max]", "speed-up"]
     return markdown_table(headers, rows), {"rows": results}
+
+
+def upsampling_table(
+    batch_size: int = 4,
+    size: int = 32,
+    repeats: int = 7,
+    device: str = "cpu",
+    precisions: tuple[bool, ...] = (False, True),
+) -> tuple[str, dict]:
+    """Forward+backward time of the demo's stage-1 network with MAISI's two ways to upsample in the decoder.
+
+    Trilinear interpolation then a 3×3×3 convolution at the finer resolution (MAISI's default, the bundle's
+    ``train.json``) against one stride-2 transposed convolution (``use_convtranspose``, the CPU demo). The default
+    input is the demo's training batch (one case's 4 contrasts, 32³ crops); ``precisions``: False for float32,
+    True for bf16 autocast, one pair of rows each.
+    """
+    dev = torch.device(device)
+    x = torch.rand(batch_size, 1, size, size, size, device=dev)
+    networks = []
+    for transposed in (False, True):
+        torch.manual_seed(0)
+        network = AutoencoderFSQ(**{**demo_stage1_network(), "use_convtranspose": transposed})  # type: ignore[arg-type]
+        networks.append(network.to(dev))
+    rows, results = [], []
+    for amp in precisions:
+        interpolated, transposed = time_alternating(
+            lambda amp=amp: _fsq_step(networks[0], x, amp), lambda amp=amp: _fsq_step(networks[1], x, amp), repeats
+        )
+        ratio = transposed.median / interpolated.median
+        precision = "bf16 autocast" if amp else "float32"
+        rows.append([f"interpolation + convolution (MAISI's default), {precision}", str(interpolated), "1.00"])
+        rows.append([f"transposed convolution (the demo), {precision}", str(transposed), f"{ratio:.2f}"])
+        results.append(
+            {"amp": amp, "interpolation": interpolated.__dict__, "transposed": transposed.__dict__, "ratio": ratio}
+        )
+    headers = [f"fwd+bwd, demo network, batch {batch_size}×1×{size}³", "seconds median [min, max]", "time ratio"]
+    return markdown_table(headers, rows), {"input": [batch_size, 1, size, size, size], "rows": results}
 
 
 def _num_windows(shape: tuple[int, ...], roi: int, overlap: float, factor: int) -> int:

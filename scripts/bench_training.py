@@ -57,6 +57,11 @@ def demo_settings(bundle: str) -> dict:
     return settings
 
 
+def demo_stage1_network() -> dict:
+    """The keyword arguments of the CPU demo's ``AutoencoderFSQ`` that set its size and shape."""
+    return {key: demo_settings("autoencoder_fsq")["network_def"][key] for key in STAGE1_KEYS}
+
+
 def _demo() -> dict:
     """The demo's stage-1 and stage-2 sizes, networks and batch sizes."""
     stage1, stage2 = demo_settings("autoencoder_fsq"), demo_settings("maskgit_transformer")
@@ -65,7 +70,7 @@ def _demo() -> dict:
     return {
         "stage1_roi": tuple(stage1["roi_size"]),
         "stage1_batch": stage1["batch_size"],
-        "stage1_network": {key: stage1["network_def"][key] for key in STAGE1_KEYS},
+        "stage1_network": demo_stage1_network(),
         "discriminator": discriminator,
         "modalities": stage1["modalities"],
         "stage2_grids": (tuple(n // factor for n in stage2["roi_size"]),),

@@ -48,6 +48,7 @@ GROUPS: dict[str, list[tuple[str, TableFn]]] = {
     "stage1": [
         ("AutoencoderFSQ against MAISI's KL autoencoder (same encoder/decoder)", bench_stage1.autoencoder_overhead),
         ("SSIM loss: MONAI's SSIMLoss against prod9's separable filtering", bench_stage1.ssim_loss_table),
+        ("Decoder upsampling: interpolation against transposed convolution", bench_stage1.upsampling_table),
         ("Sliding-window encode+decode against volume size", bench_stage1.sliding_window_scaling),
     ],
 }
@@ -77,6 +78,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         ),
         "autoencoder_overhead": dict(size=128, amp=True),
         "ssim_loss_table": dict(inputs=((8, 1, 64, 64, 64), (4, 1, 128, 128, 128))),
+        "upsampling_table": dict(batch_size=4, size=128),
         "sliding_window_scaling": dict(repeats=3),
     },
 }

@@ -134,6 +134,13 @@ def test_stage1_tables_rows() -> None:
     assert [row[0] for row in _rows(table)] == ["2×1×12×12×12"]
     row = results["rows"][0]
     assert row["speed_up"] == pytest.approx(row["monai"]["median"] / row["prod9"]["median"])
+    table, results = bench_stage1.upsampling_table(batch_size=1, size=16, repeats=1, precisions=(False,))
+    assert [row[0] for row in _rows(table)] == [
+        "interpolation + convolution (MAISI's default), float32",
+        "transposed convolution (the demo), float32",
+    ]
+    row = results["rows"][0]
+    assert row["ratio"] == pytest.approx(row["transposed"]["median"] / row["interpolation"]["median"])
 
 
 def test_profiles_name_existing_tables() -> None:
