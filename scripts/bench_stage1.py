@@ -157,10 +157,10 @@ def upsampling_table(
     """
     dev = torch.device(device)
     x = torch.rand(batch_size, 1, size, size, size, device=dev)
-    networks = []
+    demo_network, networks = demo_stage1_network(), []
     for transposed in (False, True):
         torch.manual_seed(0)
-        network = AutoencoderFSQ(**{**demo_stage1_network(), "use_convtranspose": transposed})  # type: ignore[arg-type]
+        network = AutoencoderFSQ(**{**demo_network, "use_convtranspose": transposed})  # type: ignore[arg-type]
         networks.append(network.to(dev))
     rows, results = [], []
     for amp in precisions:
