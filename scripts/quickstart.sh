@@ -4,5 +4,6 @@
 # Rerun it after an interruption: finished steps are skipped, an interrupted training resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/python_env.sh
 python -m pip install --quiet -c constraints.txt -e .
 python scripts/quickstart.py "$@"

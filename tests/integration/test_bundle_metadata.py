@@ -201,3 +201,36 @@ def test_network_guard_catches_a_download(offline_env: tuple[dict[str, str], Pat
     assert result.returncode != 0, result.stdout + result.stderr
     assert not missing_schema.exists()
     assert _attempts(log) != before, result.stdout + result.stderr
+
+
+def _declared_dependencies() -> dict[str, str]:
+    """Run-time dependencies of ``pyproject.toml``: normalised name → requirement string."""
+    import re
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    names = {}
+    for requirement in project["dependencies"]:
+        name = re.match(r"[A-Za-z0-9_.\-]+", requirement)
+        assert name is not None, requirement
+        names[name.group(0).lower().replace("_", "-")] = requirement
+    return names
+
+
+def test_pyyaml_is_declared() -> None:
+    """MONAI reads ``large_files.yml`` with PyYAML, an optional MONAI dependency: prod9 must declare it."""
+    assert "pyyaml" in _declared_dependencies()
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_metadata_lists_every_declared_dependency(bundle: str) -> None:
+    """A bundle's ``metadata.json`` names every package prod9 needs at run time, with a version."""
+    metadata = json.loads((BUNDLES_DIR / bundle / "configs" / "metadata.json").read_text())
+    listed = {name.lower() for name in metadata["required_packages_version"]}
+    own_keys = {"monai", "torch", "numpy"}  # metadata has monai_version, pytorch_version, numpy_version
+    missing = sorted(set(_declared_dependencies()) - listed - own_keys)
+    assert not missing, f"{bundle}/configs/metadata.json required_packages_version lacks {missing}"
