@@ -14,6 +14,12 @@ one place). Three choices are specific to 3D token grids:
   tokens mean similar images. With the levels given, each token is also embedded through its code vector, and
   the logits get a factorised term, one score per level of each channel: what the network learns about one token
   carries over to its neighbours instead of being learned once per token.
+- **A token-resolution path (optional, ``token_dim``).** A patch position squeezes ``p³`` source tokens into one
+  vector and unfolds one vector into ``p³`` predictions, so fine anatomy is lost on the way and every patch is
+  predicted on its own (blocks on the patch grid). With ``token_dim`` set, a small convolutional path runs on the
+  full token grid around the transformer, as U-Net skips do: it embeds every token with its sources and their
+  neighbours, feeds the patches to the transformer, and after it, mixes the transformer's output unfolded back to
+  tokens with those features through 3×3×3 convolutions that cross patch borders, then predicts each token.
 
 Token order: logits ``[B, N, V]`` with ``N = h * w * d`` follow the raster order of the token grid, exactly
 ``tokens.flatten(1)`` for ``tokens`` of shape ``[B, h, w, d]``.
@@ -110,6 +116,13 @@ def patchify(tokens: torch.Tensor, p: int) -> torch.Tensor:
     b, h, w, d = tokens.shape
     x = tokens.reshape(b, h // p, p, w // p, p, d // p, p).permute(0, 1, 3, 5, 2, 4, 6)
     return x.reshape(b, (h // p) * (w // p) * (d // p), p**3)
+
+
+def patchify_features(x: torch.Tensor, p: int) -> torch.Tensor:
+    """``[B, C, h, w, d]`` → ``[B, L, p³ * C]``: each patch's features, tokens in raster order, channels last."""
+    b, c, h, w, d = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p, d // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
+    return x.reshape(b, (h // p) * (w // p) * (d // p), p**3 * c)
 
 
 def unpatchify(x: torch.Tensor, grid_shape: Sequence[int], p: int) -> torch.Tensor:
@@ -210,6 +223,109 @@ class FinalLayer(nn.Module):
         return logits
 
 
+class ConvBlock(nn.Module):
+    """Residual 3×3×3 convolution on the token grid: ``x + conv(gelu(norm(x)))``, zero-initialised (identity).
+
+    The norm is per token (over channels), not a group norm over the grid: a token's prediction then depends on
+    its neighbourhood only, not on statistics of the whole window.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.conv = nn.Conv3d(channels, channels, kernel_size=3, padding=1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, h, w, d]`` → same shape."""
+        normed = self.norm(x.movedim(1, -1)).movedim(-1, 1)
+        return x + self.conv(F.gelu(normed))
+
+
+class TokenStem(nn.Module):
+    """Token-resolution features ``[B, C, h, w, d]``: each target token and its sources, with their neighbours.
+
+    A source token is embedded by a table of its own modality (``num_modalities × V`` rows), so that "T1 token a"
+    and "T2 token a" differ; the present sources are averaged (a learned vector when none is present), the target
+    token (or the mask id) is added, and a residual convolution lets each token see its 3×3×3 neighbourhood.
+    """
+
+    def __init__(self, vocab_size: int, channels: int, num_modalities: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.target = nn.Embedding(vocab_size + 1, channels)
+        self.source = nn.Embedding(num_modalities * vocab_size, channels)
+        self.no_source = nn.Parameter(torch.zeros(channels))
+        self.block = ConvBlock(channels)
+
+    def forward(
+        self, tokens: torch.Tensor, sources: torch.Tensor | None, source_modalities: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``tokens [B, h, w, d]``, ``sources [B, S, h, w, d]``, ``source_modalities [B, S]`` (``-1``: absent)
+        → ``[B, C, h, w, d]``. ``sources=None`` means no source at all."""
+        x = self.target(tokens)
+        if sources is None or source_modalities is None:
+            x = x + self.no_source
+        else:
+            present = source_modalities >= 0
+            rows = source_modalities.clamp(min=0)[:, :, None, None, None] * self.vocab_size + sources
+            embedded = self.source(rows) * present[:, :, None, None, None, None].to(x.dtype)
+            count = present.sum(dim=1).to(x.dtype)[:, None, None, None, None]
+            mean = embedded.sum(dim=1) / count.clamp(min=1)
+            x = x + torch.where(count > 0, mean, self.no_source)
+        return self.block(x.permute(0, 4, 1, 2, 3))
+
+
+class TokenHead(nn.Module):
+    """Per-token logits from the transformer's patch outputs unfolded to tokens plus the stem's features.
+
+    ``proj`` turns each position's output into ``p³ × C`` features (one per token of the patch); the stem's
+    features are added (the skip), the conditioning ``c`` shifts and scales every channel, and residual 3×3×3
+    convolutions mix neighbouring tokens, across patch borders, before a per-token linear layer gives ``V`` logits
+    (plus, with ``level_digits``, the factorised per-level term of :class:`FinalLayer`). The logit layers start at
+    zero, so the first prediction is uniform over the vocabulary.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        channels: int,
+        vocab_size: int,
+        patch_size: int,
+        num_blocks: int = 1,
+        level_digits: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.norm = nn.LayerNorm(hidden_dim, elementwise_affine=False, eps=1e-6)
+        self.proj = nn.Linear(hidden_dim, patch_size**3 * channels)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 2 * channels))
+        self.blocks = nn.Sequential(*(ConvBlock(channels) for _ in range(num_blocks)))
+        self.out_norm = nn.LayerNorm(channels, eps=1e-6)
+        self.linear = nn.Linear(channels, vocab_size)
+        self.level_linear: nn.Linear | None = None
+        if level_digits is not None:
+            sizes = (level_digits.max(dim=0).values + 1).tolist()
+            level_of_token = torch.cat([F.one_hot(level_digits[:, i], n) for i, n in enumerate(sizes)], dim=1)
+            self.register_buffer("level_of_token", level_of_token.T.float(), persistent=False)
+            self.level_of_token: torch.Tensor
+            self.level_linear = nn.Linear(channels, sum(sizes))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """``x [B, L, D]``, ``c [B, D]``, ``skip [B, C, h, w, d]`` → ``[B, h*w*d, V]`` in raster order."""
+        grid = skip.shape[2:]
+        tokens = unpatchify(self.proj(self.norm(x)), grid, self.patch_size)  # [B, h*w*d, C]
+        shift, scale = self.modulation(c).chunk(2, dim=1)
+        features = skip + tokens.transpose(1, 2).reshape(skip.shape)
+        features = features * (1 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
+        features = self.out_norm(self.blocks(features).flatten(2).transpose(1, 2))
+        logits = self.linear(features)
+        if self.level_linear is not None:
+            logits = logits + self.level_linear(features) @ self.level_of_token
+        return logits
+
+
 def init_weights(module: nn.Module) -> None:
     """The one place where weights are initialised; ``module.apply(init_weights)`` visits children first.
 
@@ -222,6 +338,12 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
+    elif isinstance(module, TokenHead):
+        zeroed = [*module.modulation.parameters(), *module.linear.parameters()]
+        if module.level_linear is not None:
+            zeroed += module.level_linear.parameters()
+        for param in zeroed:
+            nn.init.zeros_(param)
     elif isinstance(module, AdaLNZeroBlock | FinalLayer):
         zeroed = [*module.adaLN_modulation.parameters()]
         if isinstance(module, FinalLayer):
@@ -250,6 +372,9 @@ class TransformerDecoder(nn.Module):
         fsq_levels: the FSQ levels of the tokenizer (``prod(fsq_levels) == vocab_size``), or None. Given, tokens
             are also embedded through their code vectors and the logits get a factorised per-level term (see the
             module docstring); the token order and the output shape do not change.
+        token_dim: channels of the token-resolution path (0: none; see the module docstring). With it, each
+            token is predicted from its patch's transformer output and from its own and its neighbours' tokens.
+        token_blocks: residual 3×3×3 convolutions of that path's head (with ``token_dim``).
 
     The target tokens and each source grid have their own patch embedding (a source token is context of a known
     modality, a target token is either known or masked, so their roles differ). Each source's embedding plus its
@@ -273,8 +398,12 @@ class TransformerDecoder(nn.Module):
         patch_size: int = 1,
         dropout: float = 0.0,
         fsq_levels: Sequence[int] | None = None,
+        token_dim: int = 0,
+        token_blocks: int = 1,
     ) -> None:
         super().__init__()
+        if token_dim < 0 or token_blocks < 0:
+            raise ValueError(f"token_dim and token_blocks must be >= 0, got {token_dim} and {token_blocks}")
         if patch_size < 1:
             raise ValueError(f"patch_size must be at least 1, got {patch_size}")
         if len(latent_shape) != 3 or any(n < 1 or n % patch_size for n in latent_shape):
@@ -304,12 +433,19 @@ class TransformerDecoder(nn.Module):
         self.no_source = nn.Parameter(torch.zeros(hidden_dim))
         self.pos_embed = SinCosPosEmbed(hidden_dim, [n // patch_size for n in self.latent_shape])
         self.drop = nn.Dropout(dropout)
+        # Token-resolution path (optional): per-token features in, merged into patches, and a skip to the head.
+        self.token_stem = TokenStem(vocab_size, token_dim, num_modalities) if token_dim else None
+        self.token_merge = nn.Linear(patch_size**3 * token_dim, hidden_dim) if token_dim else None
         # Conditioning vector c: which modality to produce, and the class (last row: null class).
         self.target_modality_embed = nn.Embedding(num_modalities, hidden_dim)
         self.class_embed = nn.Embedding(num_classes + 1, hidden_dim) if num_classes > 0 else None
         # Trunk and head: p³ × V logits per position.
         self.blocks = nn.ModuleList(AdaLNZeroBlock(hidden_dim, num_heads, ffn_dim, dropout) for _ in range(num_layers))
-        self.final_layer = FinalLayer(hidden_dim, vocab_size, patch_size, level_digits)
+        self.final_layer: FinalLayer | TokenHead
+        if token_dim:
+            self.final_layer = TokenHead(hidden_dim, token_dim, vocab_size, patch_size, token_blocks, level_digits)
+        else:
+            self.final_layer = FinalLayer(hidden_dim, vocab_size, patch_size, level_digits)
         self.apply(init_weights)
 
     def forward(
@@ -339,10 +475,23 @@ class TransformerDecoder(nn.Module):
         if tuple(tokens.shape[1:]) != self.latent_shape:
             raise ValueError(f"tokens grid {tuple(tokens.shape[1:])} differs from latent_shape {self.latent_shape}")
         x = self.token_embed(tokens) + self._embed_sources(tokens, sources, source_modalities, drop_condition)
+        skip = None
+        if self.token_stem is not None and self.token_merge is not None:
+            kept = None
+            if sources is not None and source_modalities is not None:
+                kept = (
+                    source_modalities
+                    if drop_condition is None
+                    else source_modalities.masked_fill(drop_condition[:, None], -1)
+                )
+            skip = self.token_stem(tokens, None if kept is None else sources, kept)
+            x = x + self.token_merge(patchify_features(skip, self.patch_size))
         x = self.drop(self.pos_embed(x))
         c = self._embed_condition(target_modality, class_label, drop_condition)
         for block in self.blocks:
             x = block(x, c)
+        if isinstance(self.final_layer, TokenHead) and skip is not None:
+            return self.final_layer(x, c, skip)
         return unpatchify(self.final_layer(x, c), self.latent_shape, self.patch_size)
 
     def _embed_sources(

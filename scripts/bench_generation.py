@@ -1,7 +1,8 @@
 """Generation time per volume on the same latent grid: prod9 MaskGiT against MONAI's latent diffusion and AR stacks.
 
-prod9: ``TransformerDecoder`` (hidden 256, 8 layers, 8 heads, MLP 1024, vocabulary 1000; patch size 1 up to 8³
-tokens, 2 above) with ``MaskGiTSampler``, 8/12/16 steps, with and without classifier-free guidance, conditioned on
+prod9: ``TransformerDecoder`` (hidden 256, 8 layers, 8 heads, MLP 1024, vocabulary 1000 with its FSQ levels
+[8, 5, 5, 5], the token-resolution path at 32 channels as the bundles configure it; patch size 1 up to 8³ tokens,
+2 above) with ``MaskGiTSampler``, 8/12/16 steps, with and without classifier-free guidance, conditioned on
 three source grids (T1, T1ce, T2 → FLAIR). Peers (see ``bench_diffusion`` and ``bench_autoregressive``): MONAI's
 ``DiffusionModelUNet`` with DDIM-50, RFlow-30 and DDPM-1000, and MONAI's ``DecoderOnlyTransformer`` of the same
 width and depth as prod9's with ``VQVAETransformerInferer``. Every side stops at the latent grid (decoding excluded).
@@ -27,6 +28,7 @@ from bench_utils import Workload, autocast, markdown_table, millions_of_paramete
 from prod9_ext import MaskGiTSampler, TransformerDecoder
 
 WIDTH, DEPTH, HEADS, FFN, VOCAB = 256, 8, 8, 1024, 1000
+FSQ_LEVELS, TOKEN_DIM = [8, 5, 5, 5], 32  # the stage-1 default codebook; the stage-2 token path of the bundles
 NUM_SOURCES = 3
 GRIDS = ((8, 8, 8), (16, 16, 16), (24, 24, 18))  # 24×24×18: a 192×192×144 brain at 8× downsampling
 
@@ -58,7 +60,9 @@ def maskgit_workloads(
     for p, w, count in configs:
         if p not in models:
             torch.manual_seed(0)
-            models[p] = TransformerDecoder(DEPTH, WIDTH, HEADS, FFN, VOCAB, grid, num_modalities=4, patch_size=p)
+            models[p] = TransformerDecoder(
+                DEPTH, WIDTH, HEADS, FFN, VOCAB, grid, 4, patch_size=p, fsq_levels=FSQ_LEVELS, token_dim=TOKEN_DIM
+            )
             models[p] = models[p].to(device).eval()
         label = f"prod9 MaskGiT p={p} ({math.prod(grid) // p**3} positions)" + (f", guidance w={w}" if w else "")
         calls = f"{count} steps / {count} calls" + (" (batch 2)" if w else "")

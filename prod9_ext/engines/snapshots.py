@@ -52,6 +52,8 @@ class VolumeSnapshot:
         prefix: file name prefix of the per-evaluation PNG.
         per_item: one PNG per item, after every iteration.
         item_names: with ``per_item``, maps the decollated batch to ``[{"filename_or_obj": name}, ...]``.
+        save_volumes: with ``per_item``, also keep each row's volume as ``<output_dir>/<name>_<key>.npy`` (float32,
+            the evaluation's grid), so other tools can put their own results beside these.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class VolumeSnapshot:
         prefix: str = "synthesis",
         per_item: bool = False,
         item_names: Callable[[Any], list[dict]] | None = None,
+        save_volumes: bool = False,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.keys = list(keys)
@@ -71,6 +74,7 @@ class VolumeSnapshot:
         self.prefix = prefix
         self.per_item = per_item
         self.item_names = item_names
+        self.save_volumes = save_volumes
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED if self.per_item else Events.EPOCH_COMPLETED, self)
@@ -94,3 +98,16 @@ class VolumeSnapshot:
             name = names[index]["filename_or_obj"] if index < len(names) else f"{self.prefix}_{index}"
             if volumes:
                 save_mid_slices(self.output_dir / f"{name}.png", volumes)
+            if self.save_volumes and isinstance(item, dict):
+                for key in (k for k in self.keys if k in item):
+                    _save_npy(self.output_dir / f"{name}_{key}.npy", item[key])
+
+
+def _save_npy(path: Path, volume: Any) -> None:
+    """``volume`` as float32 ``.npy``, written to a temporary name and renamed."""
+    import numpy as np
+
+    array = torch.as_tensor(volume).detach().float().cpu().numpy()
+    temporary = path.with_name(f".{path.stem}.tmp.npy")
+    np.save(temporary, array)
+    temporary.replace(path)

@@ -13,7 +13,12 @@ V = 12
 
 
 def _model(
-    shape=(4, 4, 4), patch_size: int = 1, num_classes: int = 0, randomize: bool = True, fsq_levels=None
+    shape=(4, 4, 4),
+    patch_size: int = 1,
+    num_classes: int = 0,
+    randomize: bool = True,
+    fsq_levels=None,
+    token_dim: int = 0,
 ) -> TransformerDecoder:
     """A tiny model; ``randomize`` replaces the zero-initialised gates and head so that every input matters."""
     torch.manual_seed(0)
@@ -28,6 +33,7 @@ def _model(
         num_classes=num_classes,
         patch_size=patch_size,
         fsq_levels=fsq_levels,
+        token_dim=token_dim,
     ).eval()
     if randomize:
         with torch.no_grad():
@@ -41,9 +47,10 @@ def _tokens(batch: int, shape=(4, 4, 4), masked: bool = True) -> torch.Tensor:
     return torch.randint(0, V + int(masked), (batch, *shape))
 
 
+@pytest.mark.parametrize("token_dim", [0, 8])
 @pytest.mark.parametrize(("shape", "patch_size"), [((4, 4, 4), 1), ((8, 8, 8), 2), ((4, 6, 4), 2), ((3, 5, 2), 1)])
-def test_output_shape(shape: tuple[int, int, int], patch_size: int) -> None:
-    model = _model(shape, patch_size, randomize=False)
+def test_output_shape(shape: tuple[int, int, int], patch_size: int, token_dim: int) -> None:
+    model = _model(shape, patch_size, randomize=False, token_dim=token_dim)
     sources = _tokens(2, shape, masked=False)[:, None]
     logits = model(_tokens(2, shape), torch.tensor([1, 3]), sources, torch.tensor([[0], [2]]))
     assert logits.shape == (2, math.prod(shape), V)
@@ -104,14 +111,16 @@ def test_logits_follow_token_order(shape: tuple[int, int, int], p: int, voxel: t
     assert torch.equal(differs, patch.flatten())
 
 
-def test_target_modality_changes_logits() -> None:
-    model = _model()
+@pytest.mark.parametrize("token_dim", [0, 8])
+def test_target_modality_changes_logits(token_dim: int) -> None:
+    model = _model(token_dim=token_dim)
     tokens = _tokens(1)
     assert not torch.allclose(model(tokens, torch.tensor([0])), model(tokens, torch.tensor([3])))
 
 
-def test_sources_and_class_change_logits() -> None:
-    model = _model(num_classes=3)
+@pytest.mark.parametrize("token_dim", [0, 8])
+def test_sources_and_class_change_logits(token_dim: int) -> None:
+    model = _model(num_classes=3, token_dim=token_dim)
     tokens, target = _tokens(1), torch.tensor([1])
     sources = _tokens(1, masked=False)[:, None]
     plain = model(tokens, target)
@@ -119,8 +128,9 @@ def test_sources_and_class_change_logits() -> None:
     assert not torch.allclose(plain, model(tokens, target, class_label=torch.tensor([2])))
 
 
-def test_missing_source_slot_equals_not_passing_it() -> None:
-    model = _model()
+@pytest.mark.parametrize("token_dim", [0, 8])
+def test_missing_source_slot_equals_not_passing_it(token_dim: int) -> None:
+    model = _model(token_dim=token_dim)
     tokens, target = _tokens(2), torch.tensor([3, 3])
     t1, t2, junk = (_tokens(2, masked=False) for _ in range(3))
     both = torch.stack([t1, t2], dim=1)
@@ -134,8 +144,9 @@ def test_missing_source_slot_equals_not_passing_it() -> None:
     assert torch.allclose(mixed[1], model(tokens[1:], target[1:])[0], atol=1e-5)
 
 
-def test_drop_condition_gives_the_no_condition_state() -> None:
-    model = _model(num_classes=3)
+@pytest.mark.parametrize("token_dim", [0, 8])
+def test_drop_condition_gives_the_no_condition_state(token_dim: int) -> None:
+    model = _model(num_classes=3, token_dim=token_dim)
     tokens, target = _tokens(2), torch.tensor([1, 2])
     sources = _tokens(2, masked=False)[:, None]
     dropped = model(
@@ -152,8 +163,41 @@ def test_drop_condition_gives_the_no_condition_state() -> None:
     )
 
 
-def test_autocast_bf16_on_cpu() -> None:
-    model = _model(shape=(4, 4, 4), patch_size=2)
+def test_token_path_sees_neighbours_across_patch_borders() -> None:
+    """Changing one source token changes the token-path logits of its 3×3×3 neighbours in the next patch too.
+
+    The transformer is cut out (identity blocks and a zero projection from its output), so only the token path
+    carries the change: a patch head would change the logits of the token's own patch only.
+    """
+    shape, p = (6, 6, 6), 2
+    model = _model(shape, p, token_dim=8)
+    with torch.no_grad():
+        for block in model.blocks:
+            for param in block.adaLN_modulation.parameters():
+                param.zero_()
+        model.final_layer.proj.weight.zero_()
+        model.final_layer.proj.bias.zero_()
+    tokens, target = _tokens(1, shape), torch.tensor([2])
+    sources = _tokens(1, shape, masked=False)[:, None]
+    changed = sources.clone()
+    changed[0, 0, 1, 1, 1] = (sources[0, 0, 1, 1, 1] + 1) % V
+    modality = torch.tensor([[0]])
+    differs = (model(tokens, target, sources, modality) - model(tokens, target, changed, modality)).abs().amax(-1)
+    differs = differs.view(shape)
+    assert differs[2, 1, 1] > 0  # a neighbour in the next patch along the first axis
+    assert differs[3, 3, 3] > 0  # two 3x3x3 convolutions (stem and head) reach 2 tokens away
+    assert differs[4, 4, 4] == 0  # ... and no further
+    assert differs[1, 4, 1] == 0
+
+
+def test_token_path_needs_non_negative_sizes() -> None:
+    with pytest.raises(ValueError, match="-4"):
+        TransformerDecoder(1, 32, 4, 64, V, (4, 4, 4), 4, token_dim=-4)
+
+
+@pytest.mark.parametrize("token_dim", [0, 8])
+def test_autocast_bf16_on_cpu(token_dim: int) -> None:
+    model = _model(shape=(4, 4, 4), patch_size=2, token_dim=token_dim)
     tokens, target = _tokens(2), torch.tensor([0, 1])
     sources = _tokens(2, masked=False)[:, None]
     reference = model(tokens, target, sources, torch.tensor([[2], [3]]))
@@ -176,18 +220,20 @@ def test_bad_arguments() -> None:
         TransformerDecoder(1, 32, 4, 64, V, (4, 6, 3), 4, patch_size=2)
 
 
+@pytest.mark.parametrize("token_dim", [0, 8])
 @pytest.mark.parametrize("patch_size", [1, 2])
-def test_fsq_structure_keeps_shape_and_uniform_start(patch_size: int) -> None:
-    model = _model((4, 4, 4), patch_size, randomize=False, fsq_levels=[3, 4])
+def test_fsq_structure_keeps_shape_and_uniform_start(patch_size: int, token_dim: int) -> None:
+    model = _model((4, 4, 4), patch_size, randomize=False, fsq_levels=[3, 4], token_dim=token_dim)
     sources = _tokens(2, masked=False)[:, None]
     logits = model(_tokens(2), torch.tensor([1, 3]), sources, torch.tensor([[0], [2]]))
     assert logits.shape == (2, 64, V)
     assert torch.all(logits == 0)
 
 
-def test_fsq_level_scores_are_shared_by_tokens_with_the_same_level() -> None:
+@pytest.mark.parametrize("token_dim", [0, 8])
+def test_fsq_level_scores_are_shared_by_tokens_with_the_same_level(token_dim: int) -> None:
     """With only the factorised term active, a token's logit is the sum of its channels' level scores."""
-    model = _model(fsq_levels=[3, 4])
+    model = _model(fsq_levels=[3, 4], token_dim=token_dim)
     with torch.no_grad():
         model.final_layer.linear.weight.zero_()
         model.final_layer.linear.bias.zero_()

@@ -1,0 +1,285 @@
+"""The peer a user would pick instead of prod9 for paired synthesis: a direct regression U-Net per task.
+
+One MONAI ``BasicUNet`` per task maps the source contrasts (as channels) to the target contrast, trained with
+L1 + 0.2 (1 - SSIM) (stage 1's weights) on the training cases for a wall-time budget (``--seconds``, split equally
+between the tasks; the quickstart passes the wall time of prod9's stage 1 + stage 2 training), then scored exactly
+as stage 2 scores its synthesis: the same preprocessing (``prod9_ext.data.preprocessing(..., train=False,
+seg=True)`` at the same voxel size and ROI), MONAI's ``SSIMMetric(spatial_dims=3, data_range=1.0, win_size=7)``,
+PSNR with ``max_val=1.0`` and
+prod9's tumour-region SSIM (:class:`prod9_ext.engines.RegionSSIMMetric`).
+
+    python scripts/regression_peer.py --dataset_dir outputs/quickstart/data --output_dir outputs/quickstart/peer \\
+        --seconds 780 --split test
+
+Writes ``<output_dir>/metrics.json`` (one entry per task, see :func:`main`) and, per task, the predicted volume of
+every scored case as ``<output_dir>/<task>/<case>.nii.gz`` (preprocessed grid: RAS, ``pixdim``, ``roi_size``).
+Data preprocessing is not counted in the budget; the training loop is, and it stops at the first iteration that
+ends past the task's share (at least one iteration runs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import fire
+import torch
+import torch.nn.functional as F
+from monai.data import CacheDataset, DataLoader
+from monai.metrics import PSNRMetric, SSIMMetric
+from monai.networks.nets import BasicUNet
+from monai.utils import convert_to_tensor, set_determinism
+
+import prod9_ext.data
+from prod9_ext.engines import RegionSSIMMetric, bf16_is_fast
+from prod9_ext.engines.atomic_outputs import AtomicNibabelWriter, atomic_write_text
+from prod9_ext.engines.ssim_loss import SeparableSSIMLoss
+
+__all__ = ["TASKS", "build_network", "load_scoring_cases", "predict", "score_network", "train_network"]
+
+logger = logging.getLogger("regression_peer")
+
+# The quickstart's tasks: name -> (target, sources), the sources in prod9's modality order.
+TASKS: dict[str, tuple[str, list[str]]] = {
+    "t2_from_t1": ("t2", ["t1"]),
+    "flair_from_t1_t1ce_t2": ("flair", ["t1", "t1ce", "t2"]),
+}
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+DEFAULT_FEATURES = (16, 16, 32, 64, 128, 16)
+# BasicUNet halves the grid four times: inputs are zero-padded to a multiple of this and the output cropped back.
+UNET_FACTOR = 16
+
+
+def build_network(num_sources: int, features: Sequence[int] = DEFAULT_FEATURES) -> BasicUNet:
+    """A 3D ``BasicUNet`` with ``num_sources`` input channels and one output channel (the target contrast)."""
+    if num_sources < 1:
+        raise ValueError(f"num_sources must be at least 1, got {num_sources}.")
+    if len(features) != 6:
+        raise ValueError(f"features must hold 6 numbers (BasicUNet's), got {list(features)}.")
+    return BasicUNet(spatial_dims=3, in_channels=num_sources, out_channels=1, features=tuple(features))
+
+
+def _stack(batch: dict, keys: Sequence[str], device: torch.device) -> torch.Tensor:
+    """``[B, len(keys), *spatial]`` float32 from the ``[B, 1, *spatial]`` entries ``keys`` of ``batch``."""
+    arrays = [convert_to_tensor(batch[key], dtype=torch.float32, track_meta=False) for key in keys]
+    return torch.cat(arrays, dim=1).to(device)
+
+
+def predict(network: torch.nn.Module, sources: torch.Tensor, amp: bool = False) -> torch.Tensor:
+    """The network's target ``[B, 1, *spatial]`` (float32, unclipped) for ``sources`` ``[B, S, *spatial]``, any size.
+
+    The input is zero-padded at the far end of each axis to a multiple of 16 and the output cropped back.
+    """
+    spatial = sources.shape[2:]
+    pad = [p for n in reversed(spatial) for p in (0, (-n) % UNET_FACTOR)]
+    with torch.autocast(sources.device.type, dtype=torch.bfloat16, enabled=amp):
+        output = network(F.pad(sources, pad))
+    return output[(..., *[slice(0, n) for n in spatial])].float()
+
+
+def _endless(loader: DataLoader) -> Iterator[dict]:
+    """The batches of ``loader``, epoch after epoch (reshuffled and re-augmented each time)."""
+    while True:
+        yield from loader
+
+
+def train_network(
+    network: torch.nn.Module,
+    loader: DataLoader,
+    target: str,
+    sources: Sequence[str],
+    seconds: float,
+    device: torch.device,
+    amp: bool = False,
+    learning_rate: float = 2e-3,
+    ssim_weight: float = 0.2,
+) -> dict[str, float]:
+    """Train ``network`` (sources -> target) with L1 + ``ssim_weight`` (1 - SSIM) until ``seconds`` are spent.
+
+    Adam with a cosine decay of the learning rate over the *elapsed fraction* of the budget, so the schedule ends
+    when the budget does whatever the speed of the machine. The budget is checked between iterations; at least one
+    iteration runs. ``ssim_weight`` is stage 1's default, 0.2: with an equal weight the SSIM term (whose luminance
+    part punishes any nonzero value in the zero background) kept the FLAIR network near a constant for 150 s.
+
+    Returns:
+        ``iterations``, ``train_seconds`` (wall time of the loop), ``loss_first`` and ``loss_last`` (mean loss of the
+        first and of the last ``min(10, iterations // 2)`` iterations, at least one).
+    """
+    if seconds < 0:
+        raise ValueError(f"seconds must be >= 0, got {seconds}.")
+    network.to(device).train()
+    optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
+    ssim_loss = SeparableSSIMLoss(spatial_dims=3, data_range=1.0, win_size=7)
+    losses: list[float] = []
+    start = time.perf_counter()
+    for batch in _endless(loader):
+        elapsed = time.perf_counter() - start
+        if losses and elapsed >= seconds:
+            break
+        progress = min(elapsed / seconds, 1.0) if seconds > 0 else 0.0
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+        x, y = _stack(batch, sources, device), _stack(batch, [target], device)
+        pred = predict(network, x, amp)
+        loss = F.l1_loss(pred, y) + ssim_weight * ssim_loss(pred, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if len(losses) % 50 == 0:
+            logger.info("%s: iteration %d, loss %.4f, %.0f s", target, len(losses), losses[-1], elapsed)
+    seconds_spent = time.perf_counter() - start
+    window = max(1, min(10, len(losses) // 2))
+    return {
+        "iterations": len(losses),
+        "train_seconds": seconds_spent,
+        "loss_first": sum(losses[:window]) / window,
+        "loss_last": sum(losses[-window:]) / window,
+    }
+
+
+def load_scoring_cases(
+    dataset_dir: str | Path, split: str, pixdim: Sequence[float], roi_size: Sequence[int]
+) -> list[dict]:
+    """The cases of ``split``, preprocessed as stage 2 scores them (all four contrasts and ``seg``, ``[1, *roi]``)."""
+    transform = prod9_ext.data.preprocessing("brats", MODALITIES, list(roi_size), list(pixdim), train=False, seg=True)
+    return [transform(case) for case in prod9_ext.data.load_datalist("brats", dataset_dir, split)]
+
+
+def _mean(metric: SSIMMetric | PSNRMetric | RegionSSIMMetric) -> float | None:
+    """The metric's mean over the cases (NaN items left out); None when no case gave a value."""
+    value = float(metric.aggregate())
+    return None if math.isnan(value) else value
+
+
+def score_network(
+    network: torch.nn.Module,
+    cases: Sequence[dict],
+    target: str,
+    sources: Sequence[str],
+    device: torch.device,
+    amp: bool = False,
+    clip: bool = True,
+    save_dir: str | Path | None = None,
+) -> dict[str, float | int | None]:
+    """Score ``network`` on ``cases`` (from :func:`load_scoring_cases`) with stage 2's metrics.
+
+    ``ssim_tumour`` averages the SSIM map over the tumour (``seg > 0``), as :class:`RegionSSIMMetric` does for prod9;
+    ``ssim_rest`` over the rest of the brain (voxels where any contrast is nonzero, minus the tumour). With
+    ``save_dir``, each case's prediction is written to ``<save_dir>/<case>.nii.gz`` with the preprocessed affine.
+
+    Returns:
+        ``psnr``, ``ssim``, ``ssim_tumour``, ``ssim_rest`` (None where no case has the region) and ``cases``.
+    """
+    if not cases:
+        raise ValueError("no case to score")
+    psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=3, data_range=1.0, win_size=7)
+    tumour, rest = (RegionSSIMMetric(spatial_dims=3, data_range=1.0, win_size=7) for _ in range(2))
+    network.to(device).eval()
+    for case in cases:
+        batch = {key: torch.as_tensor(case[key])[None] for key in (*MODALITIES, "seg")}
+        with torch.no_grad():
+            pred = predict(network, _stack(batch, sources, device), amp)
+        if clip:
+            pred = pred.clamp(0.0, 1.0)
+        label = _stack(batch, [target], device)
+        lesion = batch["seg"].to(device) > 0
+        brain = (_stack(batch, MODALITIES, device) != 0).any(dim=1, keepdim=True)
+        psnr(pred, label)
+        ssim(pred, label)
+        tumour(pred, torch.cat([label, lesion.float()], dim=1))
+        rest(pred, torch.cat([label, (brain & ~lesion).float()], dim=1))
+        if save_dir is not None:
+            _save(pred[0], case[target], Path(save_dir) / f"{case['case']}.nii.gz")
+    return {
+        "psnr": _mean(psnr),
+        "ssim": _mean(ssim),
+        "ssim_tumour": _mean(tumour),
+        "ssim_rest": _mean(rest),
+        "cases": len(cases),
+    }
+
+
+def _save(image: torch.Tensor, reference: torch.Tensor, path: Path) -> None:
+    """Write ``image`` ``[1, *spatial]`` as NIfTI with the affine of the preprocessed ``reference``, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = AtomicNibabelWriter()
+    writer.set_data_array(image.detach().cpu(), channel_dim=0)
+    writer.set_metadata({"affine": getattr(reference, "affine", torch.eye(4))}, resample=False)
+    writer.write(path)
+
+
+def main(
+    dataset_dir: str,
+    output_dir: str,
+    seconds: float = 780.0,
+    split: str = "validation",
+    pixdim: Sequence[float] = (3.0, 3.0, 3.0),
+    roi_size: Sequence[int] = (48, 64, 48),
+    features: Sequence[int] = DEFAULT_FEATURES,
+    batch_size: int = 2,
+    learning_rate: float = 2e-3,
+    ssim_weight: float = 0.2,
+    clip: bool = True,
+    seed: int = 0,
+    device: str = "cpu",
+    tasks: Sequence[str] = tuple(TASKS),
+) -> None:
+    """Train one regression U-Net per task for ``seconds / len(tasks)`` each, score it on ``split``, write the results.
+
+    Args:
+        dataset_dir: the BraTS-layout data folder (its ``dataset.json`` lists the splits).
+        output_dir: where ``metrics.json`` and the predicted volumes go (created when missing).
+        seconds: wall-time budget of all training together (prod9's stage 1 + stage 2 training time).
+        split: the cases to score (``load_datalist``'s split name); training always uses ``"training"``.
+        pixdim: voxel size in mm (the stage-1 demo's 3 mm).
+        roi_size: the volume size, for training crops and scoring (stage 2 demo's ``[48, 64, 48]``).
+        features: ``BasicUNet`` features (6 numbers).
+        batch_size: training batch size.
+        learning_rate: Adam's initial learning rate (cosine decay over the budget).
+        ssim_weight: weight of the ``1 - SSIM`` term of the loss (L1's is 1).
+        clip: clip predictions to [0, 1] (the intensity range of the preprocessed targets) before scoring.
+        seed: seed of the initialisation, the crops and the flips.
+        device: torch device.
+        tasks: names from ``TASKS``.
+
+    ``metrics.json`` holds ``{task: {"psnr", "ssim", "ssim_tumour", "ssim_rest", "cases", "iterations",
+    "train_seconds", "loss_first", "loss_last"}}``, rewritten after each task.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"tasks must name some of {list(TASKS)}, got {list(tasks)}.")
+    if seconds < 0 or batch_size < 1:
+        raise ValueError(f"need seconds >= 0 and batch_size >= 1, got {seconds} and {batch_size}.")
+    torch_device = torch.device(device)
+    amp = bf16_is_fast(torch_device)
+    out = Path(output_dir)
+    set_determinism(seed=seed)
+    train_transform = prod9_ext.data.preprocessing("brats", MODALITIES, list(roi_size), list(pixdim), train=True)
+    train_data = CacheDataset(
+        prod9_ext.data.load_datalist("brats", dataset_dir, "training"), train_transform, progress=False
+    )
+    loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=False)
+    cases = load_scoring_cases(dataset_dir, split, pixdim, roi_size)
+    logger.info("%d training cases, %d %s cases, bf16 autocast %s", len(train_data), len(cases), split, amp)
+    results: dict[str, dict] = {}
+    for task in tasks:
+        target, sources = TASKS[task]
+        torch.manual_seed(seed)
+        network = build_network(len(sources), features)
+        training = train_network(
+            network, loader, target, sources, seconds / len(tasks), torch_device, amp, learning_rate, ssim_weight
+        )
+        scores = score_network(network, cases, target, sources, torch_device, amp, clip, out / task)
+        results[task] = {**scores, **training}
+        logger.info("%s: %s", task, json.dumps(results[task]))
+        atomic_write_text(out / "metrics.json", json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
