@@ -193,6 +193,7 @@ class MaskGiTSampler:
         source_modalities: torch.Tensor | None = None,
         class_label: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        known_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Generates ``Long[B, h, w, d]`` token grids of the target modality.
 
@@ -202,13 +203,22 @@ class MaskGiTSampler:
             target_modality: ``Long[B]``; its device is where sampling runs.
             sources, source_modalities, class_label: conditions, passed to the model as they are.
             generator: on the sampling device, for reproducible samples.
+            known_tokens: ``Long[B, h, w, d]``, tokens already decided (the mask id ``V`` where the grid is to be
+                filled): they are kept, the model sees them, and the schedule runs over the masked positions only
+                (MaskGiT's outpainting). None: start all masked.
         """
         shape = _checked_shape(shape, sources)
         device = target_modality.device
         mask_id = model.vocab_size
-        tokens = torch.full(shape, mask_id, dtype=torch.long, device=device)
+        if known_tokens is None:
+            tokens = torch.full(shape, mask_id, dtype=torch.long, device=device)
+        elif tuple(known_tokens.shape) != shape:
+            raise ValueError(f"known_tokens shape {tuple(known_tokens.shape)} differs from shape {shape}")
+        else:
+            tokens = known_tokens.to(device=device, dtype=torch.long, copy=True)
         flat = tokens.view(shape[0], -1)  # shares storage with tokens
         num_tokens = flat.shape[1]
+        masked_at_start = (flat == mask_id).sum(dim=1).tolist()
         for step in range(self.steps):
             logits = self._logits(model, tokens, step, target_modality, sources, source_modalities, class_label)
             log_probs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
@@ -218,7 +228,8 @@ class MaskGiTSampler:
             confidence = confidence + noise_scale * self._gumbel(confidence, generator)
             is_masked = flat == mask_id
             confidence = confidence.masked_fill(~is_masked, math.inf)
-            num_fixed = num_tokens - self.num_masked_after(step, num_tokens)
+            still_masked = [self.num_masked_after(step, n) for n in masked_at_start]
+            num_fixed = num_tokens - torch.tensor(still_masked, device=device)[:, None]
             rank = confidence.argsort(dim=1, descending=True).argsort(dim=1)
             flat.copy_(torch.where(is_masked & (rank < num_fixed), candidates, flat))
         return tokens

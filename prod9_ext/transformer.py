@@ -234,8 +234,8 @@ class ConvBlock(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(channels, eps=1e-6)
         self.conv = nn.Conv3d(channels, channels, kernel_size=3, padding=1)
-        nn.init.zeros_(self.conv.weight)
-        nn.init.zeros_(self.conv.bias)
+        for param in self.conv.parameters():
+            nn.init.zeros_(param)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w, d]`` → same shape."""
@@ -249,15 +249,34 @@ class TokenStem(nn.Module):
     A source token is embedded by a table of its own modality (``num_modalities × V`` rows), so that "T1 token a"
     and "T2 token a" differ; the present sources are averaged (a learned vector when none is present), the target
     token (or the mask id) is added, and a residual convolution lets each token see its 3×3×3 neighbourhood.
+
+    With ``code_vectors`` (``[V, n]``, the FSQ codes), each embedding also gets a linear map of the token's code (one
+    map per source modality, one for the target with a mask flag): what is learned about one token then carries
+    over to tokens with similar codes, which a table learns only row by row.
     """
 
-    def __init__(self, vocab_size: int, channels: int, num_modalities: int) -> None:
+    def __init__(
+        self, vocab_size: int, channels: int, num_modalities: int, code_vectors: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.target = nn.Embedding(vocab_size + 1, channels)
         self.source = nn.Embedding(num_modalities * vocab_size, channels)
         self.no_source = nn.Parameter(torch.zeros(channels))
         self.block = ConvBlock(channels)
+        self.target_code: nn.Linear | None = None
+        if code_vectors is not None:
+            # Row v: the code of token v and a 0 flag; the last row (mask id): a zero code and a 1 flag.
+            features = torch.cat(
+                [F.pad(code_vectors.float(), (0, 1)), F.one_hot(torch.tensor([code_vectors.shape[1]]))]
+            )
+            self.register_buffer("code_features", features.float(), persistent=False)
+            self.code_features: torch.Tensor
+            self.target_code = nn.Linear(features.shape[1], channels)
+            bound = 1 / math.sqrt(features.shape[1])
+            self.source_code = nn.Parameter(
+                torch.empty(num_modalities, features.shape[1], channels).uniform_(-bound, bound)
+            )
 
     def forward(
         self, tokens: torch.Tensor, sources: torch.Tensor | None, source_modalities: torch.Tensor | None
@@ -265,12 +284,18 @@ class TokenStem(nn.Module):
         """``tokens [B, h, w, d]``, ``sources [B, S, h, w, d]``, ``source_modalities [B, S]`` (``-1``: absent)
         → ``[B, C, h, w, d]``. ``sources=None`` means no source at all."""
         x = self.target(tokens)
+        if self.target_code is not None:
+            x = x + self.target_code(self.code_features[tokens])
         if sources is None or source_modalities is None:
             x = x + self.no_source
         else:
             present = source_modalities >= 0
-            rows = source_modalities.clamp(min=0)[:, :, None, None, None] * self.vocab_size + sources
-            embedded = self.source(rows) * present[:, :, None, None, None, None].to(x.dtype)
+            modality = source_modalities.clamp(min=0)
+            embedded = self.source(modality[:, :, None, None, None] * self.vocab_size + sources)
+            if self.target_code is not None:
+                weights = self.source_code[modality]  # [B, S, n + 1, C]: each slot's own modality map
+                embedded = embedded + torch.einsum("bsxyzn,bsnc->bsxyzc", self.code_features[sources], weights)
+            embedded = embedded * present[:, :, None, None, None, None].to(embedded.dtype)
             count = present.sum(dim=1).to(x.dtype)[:, None, None, None, None]
             mean = embedded.sum(dim=1) / count.clamp(min=1)
             x = x + torch.where(count > 0, mean, self.no_source)
@@ -434,7 +459,7 @@ class TransformerDecoder(nn.Module):
         self.pos_embed = SinCosPosEmbed(hidden_dim, [n // patch_size for n in self.latent_shape])
         self.drop = nn.Dropout(dropout)
         # Token-resolution path (optional): per-token features in, merged into patches, and a skip to the head.
-        self.token_stem = TokenStem(vocab_size, token_dim, num_modalities) if token_dim else None
+        self.token_stem = TokenStem(vocab_size, token_dim, num_modalities, code_vectors) if token_dim else None
         self.token_merge = nn.Linear(patch_size**3 * token_dim, hidden_dim) if token_dim else None
         # Conditioning vector c: which modality to produce, and the class (last row: null class).
         self.target_modality_embed = nn.Embedding(num_modalities, hidden_dim)

@@ -154,9 +154,10 @@ def held_out_volumes(
     modalities: Sequence[str] = prod9_ext.data.MODALITIES,
     medmnist_flag: str = "organmnist3d",
     medmnist_size: int = 64,
+    split: str = "validation",
 ) -> Callable[[], Iterator[torch.Tensor]]:
-    """The validation volumes ``[1, X, Y, Z]`` as stage 1's evaluation preprocesses them, one contrast at a time."""
-    datalist = prod9_ext.data.load_datalist(dataset, dataset_dir, "validation", medmnist_flag, medmnist_size)
+    """The volumes ``[1, X, Y, Z]`` of ``split`` as stage 1's evaluation preprocesses them, one contrast at a time."""
+    datalist = prod9_ext.data.load_datalist(dataset, dataset_dir, split, medmnist_flag, medmnist_size)
     transform = prod9_ext.data.preprocessing(dataset, modalities, None, pixdim, train=False)
     keys = prod9_ext.data.image_keys(dataset, modalities)
 

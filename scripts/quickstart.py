@@ -1,5 +1,8 @@
 """prod9's main job: phantoms (or your BraTS folder) -> stage 1 -> stage 2 -> synthesised volumes and a report.
 
+The report puts prod9 beside the peer a user would pick for paired synthesis: a regression U-Net
+(``scripts/regression_peer.py``) trained on the same cases for the same wall time as prod9's two stages.
+
     python scripts/quickstart.py                          # embedded phantoms, CPU demo settings (about 18 min)
     python scripts/quickstart.py --dataset_dir /data/BraTS2021   # the same on your BraTS folder (or BRATS_DATA_DIR)
 
@@ -31,7 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 AUTOENCODER = REPO / "bundles" / "autoencoder_fsq"
 TRANSFORMER = REPO / "bundles" / "maskgit_transformer"
 
-HELD_OUT = "<held-out case folders>"
+HELD_OUT = "<scored case folders>"
+PROD9_SECONDS = "<prod9 training seconds>"  # the peer's budget: stage 1 + stage 2 training, once they have run
+PROD9_TRAINING = ("stage1_train", "stage2_train")
 TASKS = {"t2_from_t1": ("t2", ["t1"]), "flair_from_t1_t1ce_t2": ("flair", ["t1", "t1ce", "t2"])}
 
 # --smoke: every network and run as small as the chain allows (a few minutes on 2 cores).
@@ -118,8 +123,13 @@ def _bundle_run(bundle: Path, configs: list[str], *overrides: str) -> list[str]:
     return [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", ".", *overrides]
 
 
-def build_steps(out: Path, dataset_dir: Path, make_data: bool, num_cases: int, smoke: bool) -> list[Step]:
-    """The chain: data, stage 1 (train, evaluate), stage 2 (train, then evaluate and synthesise per task)."""
+def build_steps(
+    out: Path, dataset_dir: Path, make_data: bool, num_cases: int, smoke: bool, split: str = "test"
+) -> list[Step]:
+    """The chain: data, stage 1 (train, evaluate), stage 2 (train, then evaluate and synthesise per task).
+
+    The evaluations and the synthesis score the ``split`` cases, which no training or choice of settings saw.
+    """
     ae, tr = out / "autoencoder", out / "transformer"
     data = ["--dataset_dir", str(dataset_dir)]
     ae_extra = SMOKE_AUTOENCODER if smoke else []
@@ -139,7 +149,7 @@ def build_steps(out: Path, dataset_dir: Path, make_data: bool, num_cases: int, s
             resume_dir=ae / "models",
         )
     )
-    ae_eval = ["--ckpt_dir", str(ae / "models"), "--output_dir", str(ae / "evaluate")]
+    ae_eval = ["--ckpt_dir", str(ae / "models"), "--output_dir", str(ae / "evaluate"), "--split", split]
     steps.append(
         Step(
             "stage1_evaluate",
@@ -167,6 +177,7 @@ def build_steps(out: Path, dataset_dir: Path, make_data: bool, num_cases: int, s
     for task, (target, sources) in TASKS.items():
         task_args = ["--val_target_modality", target, "--val_source_modalities", _list(sources)]
         evaluate = ["--ckpt_dir", str(tr / "models"), "--output_dir", str(tr / f"evaluate_{task}"), *task_args]
+        evaluate += ["--split", split]
         evaluate += tr_extra
         steps.append(
             Step(
@@ -177,7 +188,7 @@ def build_steps(out: Path, dataset_dir: Path, make_data: bool, num_cases: int, s
         )
         infer = ["--ckpt_dir", str(tr / "models"), "--output_dir", str(out / "synthesis" / task)]
         infer += ["--target_modality", target, "--source_modalities", _list(sources), "--overwrite", "true"]
-        infer += ["--input_files", HELD_OUT]  # the held-out case folders, listed once the data exist
+        infer += ["--input_files", HELD_OUT]  # the scored case folders, listed once the data exist
         steps.append(
             Step(
                 f"stage2_synthesise_{task}",
@@ -185,26 +196,43 @@ def build_steps(out: Path, dataset_dir: Path, make_data: bool, num_cases: int, s
                 TRANSFORMER,
             )
         )
+    peer = [sys.executable, "scripts/regression_peer.py", "--dataset_dir", str(dataset_dir)]
+    peer += ["--output_dir", str(out / "peer"), "--seconds", PROD9_SECONDS, "--split", split]
+    steps.append(Step("peer_regression", peer))
     return steps
 
 
-def _validation_cases(dataset_dir: Path) -> list[str]:
-    """The held-out cases: ``dataset.json``'s validation list, or the seeded split prod9 makes without one."""
+def scored_split(dataset_dir: Path, make_data: bool) -> str:
+    """``test`` for the phantoms and for a BraTS folder whose ``dataset.json`` has a test list, else ``validation``."""
+    if make_data:
+        return "test"
+    listing = dataset_dir / "dataset.json"
+    if listing.is_file() and json.loads(listing.read_text()).get("test"):
+        return "test"
+    print(f"[quickstart] {listing} has no 'test' list: the report scores the validation cases", flush=True)
+    return "validation"
+
+
+def _scored_folders(step: Step, dataset_dir: Path, split: str) -> Step:
+    """The step with the placeholder ``HELD_OUT`` replaced by the folders of the ``split`` cases."""
     from prod9_ext.data import load_datalist
 
-    return [case["case"] for case in load_datalist("brats", dataset_dir, "validation")]
-
-
-def _held_out_folders(step: Step, dataset_dir: Path) -> Step:
-    """The step with the placeholder ``HELD_OUT`` replaced by the validation case folders."""
-    cases = _list([str(dataset_dir / case) for case in _validation_cases(dataset_dir)])
+    cases = _list([str(dataset_dir / case["case"]) for case in load_datalist("brats", dataset_dir, split)])
     return Step(step.name, [cases if arg == HELD_OUT else arg for arg in step.command], step.cwd, step.resume_dir)
+
+
+def _with_prod9_seconds(step: Step, runner: Runner) -> Step:
+    """The step with the placeholder ``PROD9_SECONDS`` replaced by the wall time of prod9's two trainings."""
+    records = [runner.record(name) for name in PROD9_TRAINING]
+    seconds = sum(record["seconds"] for record in records if record is not None)
+    command = [f"{seconds:.0f}" if arg == PROD9_SECONDS else arg for arg in step.command]
+    return Step(step.name, command, step.cwd, step.resume_dir)
 
 
 def main(
     output_dir: str = "outputs/quickstart",
     dataset_dir: str | None = None,
-    num_cases: int = 24,
+    num_cases: int = 27,
     smoke: bool = False,
 ) -> None:
     """Run the chain and write ``<output_dir>/report.md``.
@@ -213,7 +241,7 @@ def main(
         output_dir: where everything goes (data, models, metrics, synthesised volumes, report).
         dataset_dir: a BraTS folder (default: ``BRATS_DATA_DIR``; without either, phantoms are built under
             ``<output_dir>/data``).
-        num_cases: phantom cases to build (a fifth are held out).
+        num_cases: phantom cases to build (15 % validation, 15 % test; 27 gives 19 / 4 / 4).
         smoke: the smallest setting, to check the chain end to end (its numbers mean nothing).
     """
     from report import write_report
@@ -223,11 +251,16 @@ def main(
     data = Path(given).resolve() if given else out / "data"
     make_data = not given and not (data / "dataset.json").is_file()
     runner = Runner(out)
-    steps = build_steps(out, data, make_data, 5 if smoke else num_cases, smoke)
+    split = scored_split(data, make_data)
+    steps = build_steps(out, data, make_data, 5 if smoke else num_cases, smoke, split)
     started = time.perf_counter()
     for step in steps:
-        runner.run(_held_out_folders(step, data) if HELD_OUT in step.command else step)
-    report = write_report(out, TASKS, runner.records, smoke=smoke)
+        if HELD_OUT in step.command:
+            step = _scored_folders(step, data, split)
+        if PROD9_SECONDS in step.command:
+            step = _with_prod9_seconds(step, runner)
+        runner.run(step)
+    report = write_report(out, TASKS, runner.records, smoke=smoke, split=split)
     print(f"\n[quickstart] finished in {(time.perf_counter() - started) / 60:.1f} min: {report}", flush=True)
 
 

@@ -15,7 +15,9 @@ STEP_TITLES = {
     "stage1_train": "stage 1: train the FSQ autoencoder",
     "stage1_evaluate": "stage 1: reconstruct the held-out cases",
     "stage2_train": "stage 2: tokenize the training cases, train the MaskGiT transformer",
+    "peer_regression": "peer: train and score the regression U-Nets (prod9's training time)",
 }
+PEER_SSIM_MARGIN = 0.03  # prod9 counts as level with the regression peer within this much SSIM
 
 
 def _task_title(step: str, tasks: dict[str, tuple[str, list[str]]]) -> str:
@@ -81,12 +83,38 @@ def _stage1_references(
         config["modalities"],
         config["medmnist_flag"],
         config["medmnist_size"],
+        config.get("split", "validation"),
     )
     return titles, score_block_codes(volumes, factor, codes)
 
 
-def write_report(out: Path, tasks: dict[str, tuple[str, list[str]]], records: Path, smoke: bool = False) -> Path:
-    """Write ``<out>/report.md`` from the metrics files of the runs and the step records; return its path."""
+def _peer_comparison(out: Path, task: str, case: str, peer_folder: Path) -> Path | None:
+    """``<out>/comparison_<task>.png``: source, prod9, peer and real rows for ``case``, all on the scored grid."""
+    import nibabel as nib
+    import numpy as np
+
+    snapshots = out / "transformer" / f"evaluate_{task}" / "cases"
+    files = [snapshots / f"{case}_{key}.npy" for key in ("source", "pred", "label")]
+    peer_file = peer_folder / task / f"{case}.nii.gz"
+    if not all(f.is_file() for f in [*files, peer_file]):
+        return None
+    from prod9_ext.engines.snapshots import save_mid_slices
+
+    source, pred, label = (np.load(f) for f in files)
+    peer = np.asarray(nib.load(peer_file).dataobj, dtype=np.float32)
+    rows = [("source", source), ("prod9", pred), ("regression peer", peer.reshape(label.shape)), ("real", label)]
+    path = out / f"comparison_{task}.png"
+    save_mid_slices(path, rows)
+    return path
+
+
+def write_report(
+    out: Path, tasks: dict[str, tuple[str, list[str]]], records: Path, smoke: bool = False, split: str = "test"
+) -> Path:
+    """Write ``<out>/report.md`` from the metrics files of the runs and the step records; return its path.
+
+    ``split`` names the cases every table scores (``test``: cases no training or choice of settings saw).
+    """
     stage1_folder = out / "autoencoder" / "evaluate"
     stage1 = _load(stage1_folder / "metrics.json")["mean"]
     stage1_config = _load(stage1_folder / "run_record_evaluate.json")["config"]
@@ -98,7 +126,8 @@ def write_report(out: Path, tasks: dict[str, tuple[str, list[str]]], records: Pa
     if smoke:
         lines += ["**Smoke run** (tiny networks, one or two epochs): the numbers below only show the chain works.", ""]
     lines += [
-        "Held-out cases only (the validation split). Intensities are scaled to [0, 1] per volume (0.5-99.5 % inside "
+        f"Held-out cases only (the {split} split, never used for training or for choosing settings). "
+        "Intensities are scaled to [0, 1] per volume (0.5-99.5 % inside "
         "the brain), as the preprocessing does; SSIM with a 7-voxel Gaussian window; tumour SSIM averages the SSIM "
         "map over the tumour label (all labels > 0), as BraSyn reports it. The baseline copies the source closest "
         "to the target (lowest mean squared error) as the prediction.",
@@ -124,6 +153,8 @@ def write_report(out: Path, tasks: dict[str, tuple[str, list[str]]], records: Pa
         "|---|---|---|---|---|---|",
     ]
     verdicts, pictures = [], []
+    peer_folder = out / "peer"
+    peer = _load(peer_folder / "metrics.json") if (peer_folder / "metrics.json").is_file() else {}
     for task, (target, sources) in tasks.items():
         folder = out / "transformer" / f"evaluate_{task}"
         metrics = _load(folder / "metrics.json")
@@ -133,6 +164,25 @@ def write_report(out: Path, tasks: dict[str, tuple[str, list[str]]], records: Pa
             f"| {name} | {_method(folder)} | {_fmt(mean['val_psnr'], 2)} | {_fmt(mean['val_ssim'])} | "
             f"{_fmt(mean.get('val_ssim_tumour', math.nan))} | {_fmt(mean['val_token_accuracy'])} |"
         )
+        if task in peer:
+            row = peer[task]
+            lines.append(
+                f"| {name} | regression peer: MONAI BasicUNet, L1 + SSIM, {row['train_seconds'] / 60:.1f} min "
+                f"({row['iterations']} iterations) | {_fmt(row['psnr'], 2)} | {_fmt(row['ssim'])} | "
+                f"{_fmt(row.get('ssim_tumour', math.nan))} | |"
+            )
+            gap = mean["val_ssim"] - row["ssim"]
+            standing = "above" if gap >= 0 else ("within" if gap >= -PEER_SSIM_MARGIN else "**below**")
+            verdicts.append(
+                f"- {name}: prod9's SSIM is {standing} the regression peer's "
+                f"({_fmt(mean['val_ssim'])} vs {_fmt(row['ssim'])}, difference {gap:+.3f}; level means within "
+                f"{PEER_SSIM_MARGIN})."
+            )
+            first_case = sorted(metrics["per_item"])[0]
+            comparison = _peer_comparison(out, task, first_case, peer_folder)
+            if comparison is not None:
+                pictures.append(f"**{first_case}, {name}** (rows: source, prod9, regression peer, real)")
+                pictures += ["", f"![{first_case} {task} beside the peer]({os.path.relpath(comparison, out)})", ""]
         lines.append(
             f"| {name} | copy the source | {_fmt(mean['baseline_psnr'], 2)} | {_fmt(mean['baseline_ssim'])} | | |"
         )

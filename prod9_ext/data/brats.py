@@ -7,6 +7,10 @@ A case folder ``<root>/<case>/`` holds one NIfTI file (``.nii`` or ``.nii.gz``) 
 
 :func:`load_brats_datalist` turns such a folder into a MONAI datalist: a list of dicts with the keys ``case``,
 ``t1``, ``t1ce``, ``t2``, ``flair`` (absolute paths) and ``seg`` where the case has a segmentation.
+
+A held-out test set is read only from a ``"test"`` list in the folder's ``dataset.json`` (the phantom generator
+writes one): it is never drawn from the folder, never part of ``"all"`` and never cut into folds, so test cases
+are not used for validation or for choosing settings.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ BRATS_DATA_DIR_ENV = "BRATS_DATA_DIR"
 """Environment variable that names the dataset folder when ``dataset_dir`` is not given."""
 
 _DATALIST_FILE = "dataset.json"
-_SPLITS = ("training", "validation", "all")
+_SPLITS = ("training", "validation", "test", "all")
 
 # File-name suffix (after the case name) -> datalist key, for both naming schemes.
 _SUFFIX_TO_KEY: dict[str, str] = {
@@ -50,7 +54,7 @@ _FILE_PATTERN = re.compile(
     r"^(?P<stem>.+?)(?P<suffix>" + "|".join(sorted(_SUFFIX_TO_KEY, key=len, reverse=True)) + r")\.nii(\.gz)?$"
 )
 
-Split = Literal["training", "validation", "all"]
+Split = Literal["training", "validation", "test", "all"]
 
 
 def load_brats_datalist(
@@ -70,9 +74,13 @@ def load_brats_datalist(
     With ``fold`` and ``num_folds`` the shuffled cases (from ``dataset.json`` or the folder) are cut into
     ``num_folds`` near-equal folds instead, and fold ``fold`` is the validation set.
 
+    The ``"test"`` split is the ``"test"`` list of ``dataset.json`` and nothing else: no seeded split or fold makes
+    one, and its cases may not appear in the training or validation lists.
+
     Args:
         dataset_dir: folder with one sub-folder per case; default: the ``BRATS_DATA_DIR`` environment variable.
-        split: ``"training"``, ``"validation"`` or ``"all"`` (both, training first).
+        split: ``"training"``, ``"validation"``, ``"test"`` (the held-out ``"test"`` list of ``dataset.json``) or
+            ``"all"`` (training and validation, training first; never the test cases).
         val_fraction: validation share of the seeded split, in ``[0, 1)``; ignored with ``dataset.json`` or folds.
         seed: seed of the shuffle behind the seeded split and the folds.
         fold: index of the validation fold, in ``[0, num_folds)``; needs ``num_folds``.
@@ -86,7 +94,8 @@ def load_brats_datalist(
     Raises:
         ValueError: bad ``split``/``val_fraction``/``fold``/``num_folds``, no ``dataset_dir`` and no
             ``BRATS_DATA_DIR``, a case missing a modality (without ``skip_incomplete``), two files for one
-            modality, or a malformed ``dataset.json``.
+            modality, a malformed ``dataset.json``, a test case also listed for training or validation, or
+            ``split="test"`` without a ``dataset.json`` that has a ``"test"`` list.
         FileNotFoundError: ``dataset_dir`` does not exist or holds no case, or ``dataset.json`` names a case
             folder that does not exist.
     """
@@ -94,8 +103,10 @@ def load_brats_datalist(
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}.")
     root = _resolve_dataset_dir(dataset_dir)
     datalist_file = root / _DATALIST_FILE
+    if split == "test":
+        return _collect_cases(root, _test_from_datalist_file(datalist_file), skip_incomplete)
     if datalist_file.is_file():
-        training, validation = _split_from_datalist_file(datalist_file)
+        training, validation, _ = _split_from_datalist_file(datalist_file)
     else:
         training, validation = _seeded_split(_find_case_names(root), val_fraction, seed)
     if fold is not None or num_folds is not None:
@@ -136,17 +147,38 @@ def _find_case_names(root: Path) -> list[str]:
     return names
 
 
-def _split_from_datalist_file(path: Path) -> tuple[list[str], list[str]]:
-    """Case names of the ``"training"`` and ``"validation"`` lists of a datalist JSON file."""
+def _split_from_datalist_file(path: Path) -> tuple[list[str], list[str], list[str] | None]:
+    """Case names of the ``"training"``, ``"validation"`` and ``"test"`` lists of a datalist JSON file.
+
+    The test list is ``None`` when the file has no ``"test"`` key; its cases may not be in the other two lists.
+    """
     with open(path) as f:
         content = json.load(f)
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: must hold a JSON object with 'training' and 'validation' lists.")
     splits = []
-    for key in ("training", "validation"):
+    for key in ("training", "validation", "test"):
         entries = content.get(key, [])
         if not isinstance(entries, list) or not all(isinstance(e, dict) and "case" in e for e in entries):
             raise ValueError(f"{path}: {key!r} must be a list of dicts that each have a 'case' key.")
         splits.append([str(e["case"]) for e in entries])
-    return splits[0], splits[1]
+    training, validation, test = splits
+    overlap = sorted(set(test) & set(training + validation))
+    if overlap:
+        raise ValueError(f"{path}: test cases also listed for training or validation: {', '.join(overlap)}.")
+    return training, validation, (test if "test" in content else None)
+
+
+def _test_from_datalist_file(path: Path) -> list[str]:
+    """Case names of the ``"test"`` list of a datalist JSON file; a one-line ``ValueError`` when there is none."""
+    if not path.is_file():
+        raise ValueError(f"split 'test' needs a 'test' list in {path}, and that file does not exist.")
+    test = _split_from_datalist_file(path)[2]
+    if test is None:
+        raise ValueError(f"split 'test' needs a 'test' list in {path}, and it has no 'test' key.")
+    if not test:
+        raise ValueError(f"split 'test' needs a 'test' list in {path}, and its 'test' list is empty.")
+    return test
 
 
 def _seeded_split(names: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

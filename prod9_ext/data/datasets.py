@@ -16,7 +16,7 @@ __all__ = ["DATASETS", "image_keys", "load_datalist", "preprocessing"]
 
 DATASETS = ("brats", "medmnist3d")
 
-_BRATS_SPLITS = {"training": "training", "validation": "validation", "all": "all"}
+_BRATS_SPLITS = {"training": "training", "validation": "validation", "test": "test", "all": "all"}
 _MEDMNIST_SPLITS = {"training": "train", "validation": "val", "test": "test"}
 
 
@@ -52,7 +52,9 @@ def load_datalist(
     Args:
         dataset: ``"brats"`` or ``"medmnist3d"``.
         dataset_dir: the data root (BraTS case folders, or the folder of the MedMNIST ``.npz`` files).
-        split: ``"training"``, ``"validation"`` (or ``"all"`` for BraTS, ``"test"`` for MedMNIST).
+        split: ``"training"``, ``"validation"`` or ``"test"`` (or ``"all"`` for BraTS: training and validation).
+            BraTS reads ``"test"`` from the ``"test"`` list of ``<dataset_dir>/dataset.json`` (a one-line
+            ``ValueError`` when there is none); MedMNIST uses its own ``train``/``val``/``test`` splits.
         medmnist_flag, medmnist_size: which MedMNIST 3D set.
         kwargs: passed to :func:`load_brats_datalist` (``val_fraction``, ``seed``, ``fold``, ...).
     """

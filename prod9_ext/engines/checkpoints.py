@@ -1,16 +1,24 @@
-"""Checkpoints that survive a kill, finding the one a run resumes from, and loading one with a clear error."""
+"""Checkpoints that survive a kill, finding the one a run resumes from, and loading one with a clear error.
+
+A resumed run continues where the interrupted one stopped: :class:`BestMetricState` keeps the evaluator's best key
+metric in the training checkpoint, and :class:`AtomicCheckpointSaver` reads it back, so ``model.pt`` is replaced only by
+a better model; the saver also takes over the checkpoint the run resumed from, so ``n_saved`` counts it (and deletes it
+once a newer one is written). :class:`CheckedCheckpointLoader` loads checkpoints made before an entry was added.
+"""
 
 from __future__ import annotations
 
+import inspect
+import numbers
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from ignite.engine import Engine
-from ignite.handlers import DiskSaver
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
 
@@ -18,6 +26,7 @@ from prod9_ext.engines.autoencoder_training import unwrap_parallel
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "BestMetricState",
     "CheckedCheckpointLoader",
     "check_checkpoint",
     "latest_checkpoint",
@@ -66,20 +75,99 @@ class _AtomicDiskSaver(DiskSaver):
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI's ``CheckpointSaver`` whose files are never lost or half-written when a run is killed.
+    """MONAI's ``CheckpointSaver`` whose files are never lost or half-written when a run is killed, and that resumes.
 
     MONAI writes with ``atomic=False`` and deletes the previous file before writing the next, so a kill while
     saving leaves a truncated ``model.pt`` or no checkpoint. Here every file is written to a temporary name in the
-    same folder and renamed over the old one, and superseded files are deleted only after that. Arguments are those
-    of :class:`monai.handlers.CheckpointSaver`.
+    same folder and renamed over the old one, and superseded files are deleted only after that.
+
+    A new process knows nothing of the files an earlier run saved. So, in a resumed run:
+
+    - the interval checkpoint the run resumed from (``checkpoint_epoch=N.pt`` for the trainer's restored epoch N) counts
+      towards ``n_saved``: it is deleted once ``n_saved`` newer ones are written, never before;
+    - a key-metric file with a fixed name (``key_metric_filename``, e.g. ``model.pt``) is replaced only by a model
+      better than the evaluator's restored ``best_metric`` (see :class:`BestMetricState`), as in the uninterrupted run.
+
+    Arguments are those of :class:`monai.handlers.CheckpointSaver`.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        arguments = inspect.signature(CheckpointSaver.__init__).bind(self, *args, **kwargs).arguments
+        self._key_metric_name: str | None = arguments.get("key_metric_name")
+        self._key_metric_sign = -1 if arguments.get("key_metric_negative_sign", False) else 1
+        self._resume_checked = False
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
                 filename = getattr(checkpoint.save_handler, "filename", None)
                 checkpoint.save_handler = _AtomicDiskSaver(self.save_dir, filename)
+
+    def attach(self, engine: Engine) -> None:
+        """Attach as MONAI's saver does, plus what takes over the files of the run this one resumes."""
+        super().attach(engine)
+        if self._interval_checkpoint is not None:
+            engine.add_event_handler(Events.EPOCH_STARTED, self._take_over_resumed_checkpoint)
+        if self._key_metric_checkpoint is not None:
+            engine.add_event_handler(Events.STARTED, self._take_over_best_model)
+
+    def _take_over_resumed_checkpoint(self, engine: Engine) -> None:
+        """At the first epoch: count the checkpoint of the restored epoch (or iteration) as one this saver wrote.
+
+        Run at ``EPOCH_STARTED`` rather than ``STARTED`` so that it follows the loader whatever their order.
+        """
+        if self._resume_checked:
+            return
+        self._resume_checked = True
+        checkpoint = self._interval_checkpoint
+        done = engine.state.epoch - 1 if self.epoch_level else engine.state.iteration
+        if checkpoint is None or checkpoint._saved or done <= 0:
+            return
+        name = "checkpoint" if len(self.save_dict) > 1 else next(iter(self.save_dict))
+        prefix = f"{checkpoint.filename_prefix}_" if checkpoint.filename_prefix else ""
+        filename = f"{prefix}{name}_{checkpoint.score_name}={done}.{checkpoint.ext}"
+        if (Path(self.save_dir) / filename).is_file():
+            checkpoint._saved.append(Checkpoint.Item(done, filename))
+
+    def _take_over_best_model(self, engine: Engine) -> None:
+        """Before a validation: if the evaluator has a best metric this saver has not saved (a resumed run), record
+        the existing key-metric file with that score, so that only a better model replaces it."""
+        checkpoint = self._key_metric_checkpoint
+        filename = getattr(checkpoint.save_handler, "filename", None) if checkpoint is not None else None
+        best, epoch = getattr(engine.state, "best_metric", None), getattr(engine.state, "best_metric_epoch", -1)
+        metric = getattr(engine.state, "key_metric_name", None)
+        if checkpoint is None or checkpoint._saved or filename is None or not isinstance(best, numbers.Real):
+            return
+        if not isinstance(epoch, int) or epoch < 1 or self._key_metric_name not in (None, metric):
+            return
+        if (Path(self.save_dir) / filename).is_file():
+            checkpoint._saved.append(Checkpoint.Item(self._key_metric_sign * best, filename))
+            self.logger.info(f"{filename}: the best {metric} so far is {best:.4f} (epoch {epoch}); kept until beaten.")
+
+
+class BestMetricState:
+    """The evaluator's best key metric and its epoch, as an entry of the training checkpoint.
+
+    MONAI's evaluator keeps them in ``engine.state`` only, so a resumed run would take its first validation for a new
+    best ("Got new best metric") however bad it is. Put one in the trainer's checkpoint dict, e.g.
+    ``"best_metric": {"_target_": "prod9_ext.engines.BestMetricState", "evaluator": "@validate#evaluator"}``.
+
+    Args:
+        evaluator: the validation engine (a MONAI ``Workflow``, with ``state.best_metric`` and
+            ``state.best_metric_epoch``).
+    """
+
+    def __init__(self, evaluator: Engine) -> None:
+        self.evaluator = evaluator
+
+    def state_dict(self) -> dict[str, float | int]:
+        """``{"best_metric": float, "best_metric_epoch": int}`` (-1 and -1 before the first validation)."""
+        state = self.evaluator.state
+        return {"best_metric": float(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch)}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the evaluator's best metric and its epoch."""
+        self.evaluator.state.best_metric = float(state_dict["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state_dict["best_metric_epoch"])
 
 
 class CheckedCheckpointLoader(CheckpointLoader):
@@ -89,16 +177,47 @@ class CheckedCheckpointLoader(CheckpointLoader):
     (:func:`check_checkpoint`): a checkpoint of another network (the other bundle's, or a training checkpoint where
     weights are expected), of other ``num_channels`` or ``fsq_levels``, or a truncated file is refused with the
     keys or shapes that differ. Errors the loading itself raises (e.g. the FSQ quantizer's check of its levels) are
-    re-raised with the file's name. Arguments are those of :class:`monai.handlers.CheckpointLoader`.
+    re-raised with the file's name. Entries named in ``optional`` may be absent from the checkpoint (one made before
+    they were added): the objects keep their fresh state and one line is logged.
+
+    Args:
+        load_path, load_dict, name, map_location, strict, strict_shape: as :class:`monai.handlers.CheckpointLoader`.
+        optional: names in ``load_dict`` that a checkpoint may lack, e.g. ``["early_stop", "best_metric"]``.
     """
+
+    def __init__(
+        self,
+        load_path: str,
+        load_dict: dict,
+        name: str | None = None,
+        map_location: Any = None,
+        strict: bool = True,
+        strict_shape: bool = True,
+        optional: Sequence[str] = (),
+    ) -> None:
+        super().__init__(load_path, load_dict, name, map_location, strict, strict_shape)
+        unknown = [entry for entry in optional if entry not in load_dict]
+        if unknown:
+            raise ValueError(f"optional names {unknown} that load_dict does not hold (it holds {_listing(load_dict)}).")
+        self.optional = tuple(optional)
 
     def __call__(self, engine: Engine) -> None:
         checkpoint = read_checkpoint(self.load_path, self.map_location)
-        check_checkpoint(self.load_path, checkpoint, self.load_dict)
+        absent = [entry for entry in self.optional if isinstance(checkpoint, Mapping) and entry not in checkpoint]
+        present = {key: obj for key, obj in self.load_dict.items() if key not in absent}
+        check_checkpoint(self.load_path, checkpoint, present)
+        if absent:
+            self.logger.warning(
+                f"{self.load_path}: no {', '.join(map(repr, absent))} entry (a checkpoint of an earlier version); "
+                "starting afresh there."
+            )
+        everything, self.load_dict = self.load_dict, present
         try:
             super().__call__(engine)
         except (KeyError, RuntimeError, TypeError, ValueError) as err:
             raise ValueError(f"{self.load_path}: cannot be loaded ({_first_line(err)}).") from err
+        finally:
+            self.load_dict = everything
 
 
 def load_network_weights(

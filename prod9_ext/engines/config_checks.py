@@ -4,7 +4,8 @@ A bundle calls them from its ``initialize`` list, before any network, dataset or
 
     "$prod9_ext.engines.config_checks.check_ints(max_epochs=@max_epochs, batch_size=@batch_size)",
     "$prod9_ext.engines.config_checks.check_roi_size(@roi_size, 2 ** (len(@network_def#num_channels) - 1))",
-    "$prod9_ext.engines.config_checks.check_output_dir('output_dir', @output_dir, ['*.csv'], @overwrite)"
+    "$prod9_ext.engines.config_checks.check_output_dir('output_dir', @output_dir, ['*.csv'], @overwrite)",
+    "$prod9_ext.engines.config_checks.check_device(@device)"
 
 Unknown config keys are :mod:`prod9_ext.engines.config_keys`' job.
 """
@@ -19,9 +20,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from monai.utils import str2bool
 
-__all__ = ["check_choice", "check_ints", "check_numbers", "check_output_dir", "check_roi_size"]
+__all__ = ["check_choice", "check_device", "check_ints", "check_numbers", "check_output_dir", "check_roi_size"]
 
 
 def check_ints(minimum: int = 1, **values: Any) -> None:
@@ -56,6 +58,34 @@ def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
     options = list(choices)
     if value not in options:
         raise ValueError(f"{key} must be one of {options}, got {value!r}.")
+
+
+def check_device(device: Any, key: str = "device") -> torch.device:
+    """``device`` must name a device torch knows and this machine has: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    Returns:
+        the ``torch.device``.
+
+    Raises:
+        ValueError: naming the key and the value: not a device string, CUDA or MPS asked where torch cannot reach
+            them, or a GPU index beyond the GPUs there are.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{key} {device!r} is not a device torch knows; use cpu, cuda, cuda:N or mps.") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{key} {device!r} asks for CUDA, but torch sees no CUDA GPU here; use --{key} cpu.")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"{key} {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}.")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{key} {device!r} asks for Apple's MPS, which torch cannot use here; use --{key} cpu.")
+    elif parsed.type != "cpu":
+        raise ValueError(f"{key} {device!r}: prod9 runs on cpu, cuda, cuda:N or mps.")
+    return parsed
 
 
 def check_roi_size(

@@ -26,7 +26,7 @@ import os
 import platform
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ def run_record(workflow: str, parser: ConfigParser | None = None) -> dict[str, A
     parser = parser or running_config()
     return {
         "workflow": workflow,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": list(sys.argv),
         "config": copy.deepcopy(parser.get()),
         "versions": package_versions(),

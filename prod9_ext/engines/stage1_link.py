@@ -33,7 +33,8 @@ class Stage1Tokenizer:
         wrapper: encodes any volume to a token grid and decodes token grids (``AutoencoderInferenceWrapper``).
         codebook_size: number of codes, the stage-2 vocabulary.
         downsampling_factor: image voxels per token along each axis.
-        fingerprint: hash of the weights file and of the settings that make the tokens (network, window, overlap);
+        fingerprint: hash of the weights file and of the settings that make the tokens (network, window, overlap,
+            blending mode);
             two tokenizers with the same fingerprint produce the same tokens.
         weights: path of the weights file.
         pixdim: the voxel size (mm) stage 1 was trained at, or None when it kept the files' voxel size; stage 2
@@ -80,6 +81,8 @@ def load_stage1_tokenizer(
     autoencoder_config: str | Sequence[str] = "train.json",
     device: str | torch.device = "cpu",
     sw_batch_size: int = 1,
+    overlap: float | None = None,
+    mode: str = "gaussian",
 ) -> Stage1Tokenizer:
     """Build the stage-1 tokenizer from the autoencoder bundle's config files and load its weights.
 
@@ -90,7 +93,12 @@ def load_stage1_tokenizer(
             in order as ``monai.bundle run`` merges them: pass the list stage 1 was trained with, e.g.
             ``["train.json", "demo.json"]``.
         device: where the autoencoder runs.
-        sw_batch_size: windows per network call.
+        sw_batch_size: windows per network call (memory against speed; the tokens stay the same).
+        overlap: fraction of a window shared with its neighbour; None: the stage-1 config's ``sw_overlap``.
+        mode: blending of overlapping windows, ``"gaussian"`` or ``"constant"``.
+
+    A stage-2 bundle passes its ``sliding_window`` section (``--sliding_window#sw_batch_size 4``). ``overlap`` and
+    ``mode`` change the tokens, so they are part of the :attr:`Stage1Tokenizer.fingerprint` that names the token cache.
 
     Raises:
         FileNotFoundError: naming the missing bundle folder, config file or weights file.
@@ -104,7 +112,11 @@ def load_stage1_tokenizer(
     parser.read_config(config_files)
     network_def = parser.get("network_def")
     roi_size = [int(n) for n in parser.get_parsed_content("roi_size")]
-    overlap = float(parser.get_parsed_content("sw_overlap"))
+    overlap = float(parser.get_parsed_content("sw_overlap") if overlap is None else overlap)
+    try:
+        config = SlidingWindowConfig(roi_size=roi_size, overlap=overlap, sw_batch_size=sw_batch_size, mode=mode)
+    except ValueError as err:
+        raise ValueError(f"sliding_window: {err}") from None
     pixdim = parser.get_parsed_content("pixdim", default=None)
     autoencoder = parser.get_parsed_content("network_def", instantiate=True)
     if not isinstance(autoencoder, AutoencoderFSQ):
@@ -125,9 +137,11 @@ def load_stage1_tokenizer(
         ) from None
     autoencoder = autoencoder.to(device).eval().requires_grad_(False)
 
-    settings = json.dumps({"network_def": network_def, "roi_size": roi_size, "overlap": overlap}, sort_keys=True)
+    window = {"roi_size": roi_size, "overlap": overlap}
+    if mode != "gaussian":  # the default stays out of the fingerprint: token caches made before the option stay valid
+        window["mode"] = mode
+    settings = json.dumps({"network_def": network_def, **window}, sort_keys=True)
     fingerprint = hashlib.sha256((_file_sha256(weights) + settings).encode()).hexdigest()[:16]
-    config = SlidingWindowConfig(roi_size=roi_size, overlap=overlap, sw_batch_size=sw_batch_size, mode="gaussian")
     return Stage1Tokenizer(
         wrapper=AutoencoderInferenceWrapper(autoencoder, config),
         codebook_size=autoencoder.codebook_size,

@@ -2,17 +2,27 @@
 
 One path serves stage-2 validation, ``evaluate.json`` and ``inference.json``: :class:`SynthesisInferer` holds the
 stage-1 tokenizer, the sampler and the task (target and source modalities), and :func:`synthesis_iteration` is the
-evaluator's ``iteration_update``. Images come from the same preprocessing as training (pad/crop to the stage-2
-ROI, whose token grid is the transformer's ``latent_shape``).
+evaluator's ``iteration_update``. Images come from the same preprocessing as training; validation and ``evaluate.json``
+pad/crop them to the stage-2 ROI, inference keeps the whole foreground box.
+
+Images of any size: the transformer sees token grids of its ``latent_shape`` only (ROI / downsampling factor), so an
+image is padded to at least the ROI, tokenized whole by the stage-1 sliding window, and the target's token grid is
+filled window by window (windows of ``latent_shape`` over the grid, ``overlap`` apart), then decoded whole and
+cropped back. Sampling fills the windows in turn, each conditioned on the tokens its earlier neighbours fixed in
+their overlap (MaskGiT outpainting), so the grid is one consistent sample; the expected-code decoding blends the
+windows' expected codes with ``blend_mode`` weights. An image no larger than the ROI is one window: the plain model.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
+from monai.data.utils import compute_importance_map
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer
@@ -25,9 +35,40 @@ from prod9_ext.engines.stage1_link import Stage1Tokenizer
 from prod9_ext.maskgit import MaskGiTSampler
 from prod9_ext.transformer import TransformerDecoder
 
-__all__ = ["DECODE_MODES", "SynthesisInferer", "synthesis_iteration"]
+__all__ = ["DECODE_MODES", "SynthesisInferer", "synthesis_iteration", "token_windows"]
 
 DECODE_MODES = ("sample", "mean")
+BLEND_MODES = ("gaussian", "constant")
+
+
+def _centring_margins(spatial: Sequence[int], roi: Sequence[int]) -> list[tuple[int, int]]:
+    """``(before, after)`` zero margins per axis that centre an image of ``spatial`` voxels in at least ``roi``."""
+    margins = []
+    for size, length in zip(spatial, roi, strict=True):
+        extra = max(0, int(length) - int(size))
+        margins.append((extra // 2, extra - extra // 2))
+    return margins
+
+
+def token_windows(grid: Sequence[int], window: Sequence[int], overlap: float) -> list[tuple[slice, ...]]:
+    """Windows of size ``window`` that cover a token ``grid`` (each axis at least as long as the window).
+
+    Along each axis the windows start every ``max(1, int(window * (1 - overlap)))`` positions, and the last one ends
+    at the grid's end; the windows are listed in row-major order of their starts (first axis slowest).
+    """
+    if any(g < w for g, w in zip(grid, window, strict=True)):
+        raise ValueError(f"token grid {list(grid)} is smaller than the window {list(window)}")
+    starts = []
+    for size, length in zip(grid, window, strict=True):
+        step = max(1, int(length * (1 - overlap)))
+        axis = list(range(0, size - length + 1, step))
+        if axis[-1] != size - length:
+            axis.append(size - length)
+        starts.append(axis)
+    return [
+        tuple(slice(start, start + length) for start, length in zip(corner, window, strict=True))
+        for corner in itertools.product(*starts)
+    ]
 
 
 class SynthesisInferer(Inferer):
@@ -48,11 +89,16 @@ class SynthesisInferer(Inferer):
             least-squares estimate of each position's code, smooth where the model is unsure, deterministic, and
             ``sampler.steps`` times cheaper. The mean of FSQ codes lies in the box of the level grid, between codes
             the decoder was trained on. For synthesis scored against a real image; not for generation.
+        overlap: fraction of a token window shared with its neighbour along each axis, in ``[0, 1)``, for images
+            larger than the ROI (see the module docstring).
+        blend_mode: weights of the windows' expected codes where they overlap (``decode="mean"``): ``"gaussian"``
+            (centres count most) or ``"constant"``.
 
-    Output of :meth:`synthesize`: ``pred`` (synthesised image, ``[B, 1, *roi]`` in [0, 1]), ``tokens`` (the sampled
-    grid; with ``decode="mean"`` the index of the code nearest to each expected code) and, when the batch holds the
-    real target: ``label`` (real image), ``target_tokens`` (its tokens) and, with sources, ``source`` (the
-    copy-the-source baseline: the source image closest to the target in mean squared error).
+    Output of :meth:`synthesize`: ``pred`` (synthesised image, ``[B, 1, *spatial]`` in [0, 1], the input's shape),
+    ``tokens`` (the sampled grid of the image padded to at least the ROI; with ``decode="mean"`` the index of the
+    code nearest to each expected code) and, when the batch holds the real target: ``label`` (real image),
+    ``target_tokens`` (its tokens, on the same grid as ``tokens``) and, with sources, ``source`` (the copy-the-source
+    baseline: the source image closest to the target in mean squared error).
     """
 
     def __init__(
@@ -63,10 +109,16 @@ class SynthesisInferer(Inferer):
         source_modalities: Sequence[str] | None = None,
         seed: int = 0,
         decode: str = "sample",
+        overlap: float = 0.5,
+        blend_mode: str = "gaussian",
     ) -> None:
         super().__init__()
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {list(DECODE_MODES)}, got {decode!r}")
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        if blend_mode not in BLEND_MODES:
+            raise ValueError(f"blend_mode must be one of {list(BLEND_MODES)}, got {blend_mode!r}")
         sources = list(source_modalities or [])
         known = (*MODALITIES, "image")
         for key, names in (("target_modality", [target_modality]), ("source_modalities", sources)):
@@ -81,6 +133,8 @@ class SynthesisInferer(Inferer):
         self.source_modalities = sources
         self.seed = seed
         self.decode = decode
+        self.overlap = overlap
+        self.blend_mode = blend_mode
         self._item = 0
 
     @staticmethod
@@ -103,27 +157,28 @@ class SynthesisInferer(Inferer):
         label = batch.get("label")
         use_class = label is not None and model.num_classes > 0
         class_label = torch.as_tensor(label).to(device).long().reshape(-1) if use_class else None
-        spatial = tuple(reference.shape[2:])
-        grid = self.tokenizer.grid_shape(spatial)
-        if tuple(grid) != tuple(model.latent_shape):
-            raise ValueError(
-                f"an image of {list(spatial)} voxels gives a token grid {list(grid)}, but the transformer's "
-                f"latent_shape is {list(model.latent_shape)}: set roi_size to latent_shape x downsampling factor"
-            )
+        spatial = tuple(int(n) for n in reference.shape[2:])
+        roi = [int(n) * self.tokenizer.downsampling_factor for n in model.latent_shape]
+        margins = _centring_margins(spatial, roi)
+        padding = [width for margin in reversed(margins) for width in margin]  # F.pad order: last axis first
+        padded = [n + before + after for n, (before, after) in zip(spatial, margins, strict=True)]
+        grid = self.tokenizer.grid_shape(padded)
         b = reference.shape[0]
         sources, source_ids = None, None
         if self.source_modalities:
             images = [torch.as_tensor(batch[key]).float().to(device) for key in self.source_modalities]
-            sources = torch.stack([self.tokenizer.wrapper.encode_to_indices(image) for image in images], dim=1)
+            tokenize = self.tokenizer.wrapper.encode_to_indices
+            sources = torch.stack([tokenize(F.pad(image, padding)) for image in images], dim=1)
             ids = [self._modality_id(key) for key in self.source_modalities]
             source_ids = torch.as_tensor(ids, device=device).expand(b, -1)
         target_ids = torch.full((b,), self._modality_id(self.target_modality), device=device)
         quantizer = self.tokenizer.wrapper.autoencoder.quantizer
         codebook = quantizer.indices_to_codes(torch.arange(model.vocab_size, device=device))  # [V, C]
+        windows = token_windows(grid, model.latent_shape, self.overlap)
         codes = []
         for i in range(b):  # one generator per item: reproducible whatever the batch size
+            item_target = target_ids[i : i + 1]
             conditions = (
-                target_ids[i : i + 1],
                 None if sources is None else sources[i : i + 1],
                 None if source_ids is None else source_ids[i : i + 1],
                 None if class_label is None else class_label[i : i + 1],
@@ -131,28 +186,81 @@ class SynthesisInferer(Inferer):
             seed = self.seed + self._item
             self._item += 1
             if self.decode == "mean":
-                probs = self.sampler.predict(model, (1, *grid), *conditions)  # [1, N, V]
-                codes.append((probs @ codebook).transpose(1, 2).reshape(1, -1, *grid))
+                codes.append(self._expected_codes(model, grid, windows, item_target, conditions, codebook))
             else:
                 generator = torch.Generator(device).manual_seed(seed)
-                tokens = self.sampler.sample(model, (1, *grid), *conditions, generator=generator)
+                tokens = self._sampled_tokens(model, grid, windows, item_target, conditions, generator)
                 codes.append(quantizer.indices_to_codes(tokens))
         target_codes = torch.cat(codes)
         tokens = quantizer.codes_to_indices(target_codes)
+        synthesised = self.tokenizer.wrapper.decode(target_codes, padded).float()
+        crop = tuple(slice(before, before + n) for n, (before, _) in zip(spatial, margins, strict=True))
         # A MetaTensor, so that Invertd maps it back to the input's grid with the sources' recorded transforms.
-        pred = MetaTensor(self.tokenizer.wrapper.decode(target_codes, spatial).float())
+        pred = MetaTensor(synthesised[(..., *crop)].contiguous())
         output: dict[str, torch.Tensor] = {Keys.PRED: pred}
         output["tokens"] = tokens
         target = batch.get(self.target_modality)
         if isinstance(target, torch.Tensor):  # inference lists the target's file (when any) but does not load it
             target = target.float().to(device)
             output[Keys.LABEL] = target
-            output["target_tokens"] = self.tokenizer.wrapper.encode_to_indices(target)
+            output["target_tokens"] = self.tokenizer.wrapper.encode_to_indices(F.pad(target, padding))
             if self.source_modalities:
                 errors = torch.stack([((image - target) ** 2).flatten(1).mean(1) for image in images], dim=1)
                 closest = errors.argmin(dim=1)
                 output["source"] = torch.stack([images[int(k)][i] for i, k in enumerate(closest)])
         return output
+
+    def _expected_codes(
+        self,
+        model: TransformerDecoder,
+        grid: Sequence[int],
+        windows: list[tuple[slice, ...]],
+        target_ids: torch.Tensor,
+        conditions: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+        codebook: torch.Tensor,
+    ) -> torch.Tensor:
+        """Expected FSQ codes ``[1, C, *grid]``: each window's, blended with the window weights where they overlap.
+
+        ``conditions``: the item's source grids ``[1, S, *grid]``, source modality ids and class label (or None).
+        """
+        sources, source_ids, class_label = conditions
+        latent = tuple(model.latent_shape)
+        if len(windows) == 1:  # the plain model, no blending
+            probs = self.sampler.predict(model, (1, *latent), target_ids, sources, source_ids, class_label)
+            return (probs @ codebook).transpose(1, 2).reshape(1, -1, *latent)
+        device = codebook.device
+        weight = compute_importance_map(latent, mode=self.blend_mode, device=device)
+        total = torch.zeros(1, codebook.shape[1], *grid, device=device)
+        weights = torch.zeros(1, 1, *grid, device=device)
+        for window in windows:
+            window_sources = None if sources is None else sources[(..., *window)]
+            probs = self.sampler.predict(model, (1, *latent), target_ids, window_sources, source_ids, class_label)
+            total[(..., *window)] += weight * (probs @ codebook).transpose(1, 2).reshape(1, -1, *latent)
+            weights[(..., *window)] += weight
+        return total / weights
+
+    def _sampled_tokens(
+        self,
+        model: TransformerDecoder,
+        grid: Sequence[int],
+        windows: list[tuple[slice, ...]],
+        target_ids: torch.Tensor,
+        conditions: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Tokens ``Long[1, *grid]`` sampled window by window, each window keeping the tokens already fixed in it."""
+        sources, source_ids, class_label = conditions
+        latent = tuple(model.latent_shape)
+        tokens = torch.full((1, *grid), model.vocab_size, dtype=torch.long, device=target_ids.device)
+        for window in windows:
+            known = tokens[(slice(None), *window)]
+            if not (known == model.vocab_size).any():
+                continue
+            window_sources = None if sources is None else sources[(..., *window)]
+            tokens[(slice(None), *window)] = self.sampler.sample(
+                model, (1, *latent), target_ids, window_sources, source_ids, class_label, generator, known
+            )
+        return tokens
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError("SynthesisInferer works on whole batches: use synthesis_iteration")

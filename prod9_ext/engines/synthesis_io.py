@@ -1,7 +1,8 @@
 """Stage-2 inference I/O: which cases to synthesise, where the volumes go, and the atomic NIfTI writer.
 
-``bundles/maskgit_transformer/configs/inference.json`` reads cases named by :func:`synthesis_datalist` and writes
-``<output_dir>/<case>_<target>_synth.nii.gz`` with :class:`SaveSynthesisd`, on the input's grid (shape, affine).
+``bundles/maskgit_transformer/configs/inference.json`` reads cases named by :func:`synthesis_datalist` (case folders,
+NIfTI files or dicts of files) and writes ``<output_dir>/<case>_<target>_synth.nii.gz`` with :class:`SaveSynthesisd`,
+on the input's grid (shape, affine): ``patient1_t1.nii.gz`` synthesised as T2 gives ``patient1_t2_synth.nii.gz``.
 ``generate.json`` writes unconditional or class-conditional samples with :func:`generate_volumes`.
 """
 
@@ -20,6 +21,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from prod9_ext.data.brats import MODALITIES, case_files
+from prod9_ext.data.validation import check_datalist
 from prod9_ext.engines.atomic_outputs import AtomicNibabelWriter
 from prod9_ext.engines.stage1_link import Stage1Tokenizer
 from prod9_ext.maskgit import MaskGiTSampler
@@ -28,6 +30,7 @@ from prod9_ext.transformer import TransformerDecoder
 __all__ = [
     "SaveSynthesisd",
     "case_meta",
+    "case_name",
     "generate_volumes",
     "synthesis_datalist",
     "synthesis_output_path",
@@ -45,16 +48,52 @@ def synthesis_output_path(output_dir: str | os.PathLike, case: str, target_modal
     return Path(output_dir) / f"{case}_{target_modality}_synth.nii.gz"
 
 
-def _case_from_entry(entry: str | os.PathLike | Mapping[str, str], index: int) -> dict[str, str]:
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Names a modality goes by at the end of a file name: the datalist key (BraTS 2021) and the BraTS 2023 name.
+_MODALITY_NAMES = {"t1": ("t1", "t1n"), "t1ce": ("t1ce", "t1c"), "t2": ("t2", "t2w"), "flair": ("flair", "t2f")}
+
+
+def _is_nifti(path: str | os.PathLike) -> bool:
+    return os.fspath(path).endswith(_NIFTI_SUFFIXES)
+
+
+def case_name(path: str | os.PathLike, modality: str) -> str:
+    """The case a ``modality`` image file belongs to: its file name without ``.nii[.gz]`` and without a trailing
+    ``_<modality>`` / ``-<modality>`` (the datalist key or its BraTS 2023 name), e.g. ``patient1_t1.nii.gz`` ->
+    ``patient1``, ``BraTS-GLI-00000-000-t1n.nii.gz`` -> ``BraTS-GLI-00000-000``; the folder's name when the file name
+    is only the modality (``P001/t1.nii.gz`` -> ``P001``)."""
+    name = Path(path).name
+    stem = next((name[: -len(suffix)] for suffix in _NIFTI_SUFFIXES if name.endswith(suffix)), name)
+    for alias in _MODALITY_NAMES.get(modality, (modality,)):
+        if stem == alias:
+            return Path(path).parent.name
+        for separator in ("_", "-"):
+            if stem.endswith(separator + alias):
+                return stem[: -len(alias) - 1]
+    return stem
+
+
+def _case_from_entry(
+    entry: str | os.PathLike | Mapping[str, str], index: int, source_modalities: Sequence[str]
+) -> dict[str, str]:
     if isinstance(entry, Mapping):
         case = dict(entry)
-        first = next((v for k, v in case.items() if k != "case"), None)
-        case.setdefault("case", Path(str(first)).parent.name if first else f"case{index:03d}")
+        named = [k for k in (*source_modalities, *case) if k != "case" and k in case]
+        if "case" not in case:
+            case["case"] = case_name(case[named[0]], named[0]) if named else f"case{index:03d}"
         return case
-    folder = Path(entry)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"input_files: {folder} is not a case folder (BraTS layout) nor a dict of modalities")
-    return {"case": folder.name, **case_files(folder)}
+    path = Path(entry)
+    if path.is_dir():
+        return {"case": path.name, **case_files(path)}
+    if not path.is_file():
+        raise FileNotFoundError(f"input_files: no such case folder or NIfTI file {path}")
+    if len(source_modalities) != 1:
+        raise ValueError(
+            f"input_files: {path} is one image but source_modalities {list(source_modalities)} asks for "
+            f"{len(source_modalities)}; give case folders or dicts such as {{'t1': ..., 't2': ...}}"
+        )
+    modality = source_modalities[0]
+    return {"case": case_name(path, modality), modality: str(path)}
 
 
 def synthesis_datalist(
@@ -67,9 +106,12 @@ def synthesis_datalist(
     """The cases to synthesise, checked before anything runs.
 
     Args:
-        input_files: a glob pattern matching case folders (BraTS layout), or a list whose entries are case folders
-            or dicts ``{"t1": path, ...}`` (an optional ``"case"`` names the outputs; default: the folder of the
-            first file).
+        input_files: a NIfTI file, a case folder (BraTS layout) or a glob pattern matching either (other files that
+            match are ignored), or a list whose entries are NIfTI files, case folders or dicts ``{"t1": path, ...}``.
+            A NIfTI file is the one source image of a case (only with one source modality); its case, which names
+            the output, is its file name without the modality suffix (:func:`case_name`: ``patient1_t1.nii.gz`` ->
+            ``patient1``). A dict's optional ``"case"`` names its outputs (default: :func:`case_name` of its first
+            source file).
         source_modalities: the modalities every case must have.
         output_dir, target_modality: with both, a case whose output file exists is refused unless ``overwrite``.
         overwrite: replace existing outputs.
@@ -80,19 +122,23 @@ def synthesis_datalist(
     Raises:
         FileNotFoundError: the pattern matches nothing, a folder or file does not exist, or a case lacks a source
             (one line naming the case and the modality).
+        ValueError: a NIfTI file given with more than one source modality, two cases with one name, or a source
+            file that is not a readable, complete 3D volume (one line naming the file).
         FileExistsError: an output exists and ``overwrite`` is false.
     """
     if isinstance(input_files, (str, os.PathLike)):
-        entries: list[Any] = sorted(p for p in glob.glob(os.fspath(input_files)) if os.path.isdir(p))
+        pattern = os.fspath(input_files)
+        matches = sorted(glob.glob(pattern))
+        entries: list[Any] = [p for p in matches if os.path.isdir(p) or (os.path.isfile(p) and _is_nifti(p))]
         if not entries:
-            raise FileNotFoundError(f"input_files: no case folder matches {os.fspath(input_files)!r}")
+            raise FileNotFoundError(f"input_files: no case folder or NIfTI file matches {pattern!r}")
     else:
         entries = list(input_files)
         if not entries:
             raise FileNotFoundError("input_files is an empty list")
     cases = []
     for index, entry in enumerate(entries):
-        case = _case_from_entry(entry, index)
+        case = _case_from_entry(entry, index, source_modalities)
         for modality in source_modalities:
             path = case.get(modality)
             if path is None:
@@ -102,7 +148,9 @@ def synthesis_datalist(
         cases.append({k: (v if k == "case" else os.path.abspath(v)) for k, v in case.items()})
     names = [case["case"] for case in cases]
     if len(set(names)) != len(names):
-        raise ValueError(f"input_files: two cases share a name ({names}); name them with a 'case' key")
+        twice = next(name for name in names if names.count(name) > 1)
+        raise ValueError(f"input_files: two cases are named {twice!r} (from {names}); name them with a 'case' key")
+    check_datalist(cases, source_modalities)
     if output_dir is not None and target_modality is not None and not overwrite:
         for name in names:
             path = synthesis_output_path(output_dir, name, target_modality)

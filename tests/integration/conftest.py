@@ -48,22 +48,28 @@ TINY_TRANSFORMER = [
 
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Five phantom cases at 3 mm (four for training, one for validation)."""
+    """Six phantom cases at 3 mm: Phantom_00000-3 for training, 00004 for validation, 00005 the held-out test case."""
     root = tmp_path_factory.mktemp("phantoms")
-    make_phantom_dataset(root, num_cases=5, seed=0, spacing=3.0)
+    make_phantom_dataset(root, num_cases=6, seed=0, spacing=3.0)
     return root
 
 
 def run_bundle(
-    bundle: Path, config_files: list[str], *overrides: str, timeout: int = 600, expect_failure: bool = False
+    bundle: Path,
+    config_files: list[str],
+    *overrides: str,
+    timeout: int = 600,
+    expect_failure: bool = False,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run`` in ``bundle`` as a user types it.
+    """``python -m monai.bundle run`` in ``bundle`` as a user types it, with ``env`` added to the environment.
 
     Fails the test with the log when the run fails, or, with ``expect_failure``, when it succeeds.
     """
     configs = "[" + ",".join(f"'{bundle / 'configs' / name}'" for name in config_files) + "]"
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(bundle)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    inherited = {key: value for key, value in os.environ.items() if key != "PROD9_TRACEBACK"}  # tests ask for it
+    env = {**inherited, "PYTHONPATH": str(REPO), **(env or {})}
     result = subprocess.run(
         command + list(overrides), cwd=bundle, env=env, capture_output=True, text=True, timeout=timeout
     )

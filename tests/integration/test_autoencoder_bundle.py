@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import AUTOENCODER_BUNDLE, REPO, TINY_AUTOENCODER, run_bundle
+from conftest import AUTOENCODER_BUNDLE, REPO, TINY_AUTOENCODER, last_error_line, run_bundle
 from monai.bundle import ConfigWorkflow
 
 from prod9_ext import AutoencoderFSQ
@@ -126,6 +126,9 @@ def test_resume_after_kill_mid_training(tmp_path: Path, phantom_dir: Path) -> No
     restored = torch.load(tmp_path / "models" / "checkpoint_epoch=4.pt", map_location="cpu", weights_only=False)
     assert restored["trainer"]["iteration"] == 8  # 2 iterations per epoch, no epoch run twice or skipped
     assert {int(s["step"]) for s in restored["optimizer"]["state"].values()} == {8}  # Adam's state went on too
+    assert restored["best_metric"]["best_metric_epoch"] in (2, 4)  # the evaluator's best, kept for the next resume
+    # the checkpoint resumed from counts towards n_saved = 1: deleted once a newer one is written
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["checkpoint_epoch=4.pt", "model.pt"]
     assert set(_epoch_metrics(log)) <= {2, 4}
 
     after = _losses(log)
@@ -181,6 +184,52 @@ def test_evaluate_writes_per_case_and_mean_metrics(
     assert (tmp_path / "metrics.csv").is_file()
     raw = (tmp_path / "val_psnr_raw.csv").read_text()
     assert "Phantom_00004_t2" in raw
+
+
+def test_evaluate_split_test_scores_the_held_out_test_cases(
+    trained: tuple[Path, str], phantom_dir: Path, tmp_path: Path
+) -> None:
+    """`--split test` scores the test list of dataset.json (Phantom_00005), not the validation case."""
+    out, _ = trained
+    run_bundle(
+        AUTOENCODER_BUNDLE,
+        ["train.json", "evaluate.json"],
+        *TINY_AUTOENCODER,
+        "--ckpt_dir", str(out / "models"),
+        "--output_dir", str(tmp_path),
+        "--dataset_dir", str(phantom_dir),
+        "--split", "test",
+    )  # fmt: skip
+    test_cases = [e["case"] for e in json.loads((phantom_dir / "dataset.json").read_text())["test"]]
+    assert test_cases == ["Phantom_00005"]
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert sorted(summary["per_item"]) == [f"Phantom_00005_{m}" for m in ("flair", "t1", "t1ce", "t2")]
+    assert "Phantom_00005_t2" in (tmp_path / "val_psnr_raw.csv").read_text()
+
+
+def test_evaluate_split_test_without_a_test_list_is_one_line(
+    trained: tuple[Path, str], phantom_dir: Path, tmp_path: Path
+) -> None:
+    out, _ = trained
+    data = tmp_path / "data"
+    data.mkdir()
+    datalist = json.loads((phantom_dir / "dataset.json").read_text())
+    for entry in datalist["training"] + datalist["validation"]:
+        (data / entry["case"]).symlink_to(phantom_dir / entry["case"])
+    del datalist["test"]
+    (data / "dataset.json").write_text(json.dumps(datalist))
+    result = run_bundle(
+        AUTOENCODER_BUNDLE,
+        ["train.json", "evaluate.json"],
+        *TINY_AUTOENCODER,
+        "--ckpt_dir", str(out / "models"),
+        "--output_dir", str(tmp_path / "eval"),
+        "--dataset_dir", str(data),
+        "--split", "test",
+        expect_failure=True,
+    )  # fmt: skip
+    line = last_error_line(result)
+    assert str(data / "dataset.json") in line and "'test'" in line, result.stderr[-3000:]
 
 
 def test_train_on_medmnist3d(tmp_path: Path) -> None:

@@ -44,12 +44,6 @@ TINY_OVERLAY = {
     "network_def#num_res_blocks": [1, 1, 1],
     "network_def#norm_num_groups": 8,
 }
-# verify_net_in_out needs one output tensor; AutoencoderFSQ returns (reconstruction, codes, indices), so the check
-# runs on the sliding-window wrapper, whose forward is the reconstruction.
-RECONSTRUCTION = (
-    '{"_target_": "prod9_ext.AutoencoderInferenceWrapper", "autoencoder": "@network_def", '
-    '"config": {"_target_": "prod9_ext.SlidingWindowConfig", "roi_size": "@roi_size", "overlap": "@sw_overlap"}}'
-)
 DECOY = 'raise ImportError("decoy prod9_ext imported: the bundle\'s own copy was not found first")\n'
 
 
@@ -191,11 +185,16 @@ def test_metadata_verifies_offline(bundle_dir: Path) -> None:
 
 
 def test_network_input_output_verify(bundle_dir: Path, isolated_env: dict[str, str]) -> None:
+    """As the zoo's ci/verify_bundle.py runs it, with the net_id the README's "Model zoo" section names.
+
+    verify_net_in_out needs one output tensor; AutoencoderFSQ returns (reconstruction, codes, indices), so the check
+    runs on inference.json's ``reconstruction``, the sliding-window wrapper, whose forward is the reconstruction.
+    """
     result = _run(
         bundle_dir, isolated_env,
         "-m", "monai.bundle", "verify_net_in_out", "reconstruction",
         "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json",
-        "--reconstruction", RECONSTRUCTION,
+        "--bundle_root", str(bundle_dir),
     )  # fmt: skip
     assert "data shape of network is verified with no error" in result.stdout + result.stderr
     with pytest.raises(AttributeError, match="tuple"):  # why the wrapper: network_def's output is a tuple

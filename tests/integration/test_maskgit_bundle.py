@@ -24,7 +24,8 @@ from tests.integration.conftest import (
     run_bundle,
 )
 
-HELD_OUT = "Phantom_00004"  # the validation case of the five-case phantom set
+HELD_OUT = "Phantom_00004"  # the validation case of the six-case phantom set
+TEST_CASE = "Phantom_00005"  # its held-out test case
 
 
 def _outputs(root: Path) -> list[str]:
@@ -82,7 +83,7 @@ def test_second_run_reuses_token_cache_and_resumes(stage2_run: Path, stage1_run:
     )  # fmt: skip
     log = result.stdout + result.stderr
     assert "0 cases encoded now, 4 reused" in log
-    completed = re.findall(r"SupervisedTrainer - INFO - Epoch\[(\d)\] Complete", log)
+    completed = re.findall(r"\w*Trainer - INFO - Epoch\[(\d)\] Complete", log)
     assert completed == ["3"]  # epochs 1 and 2 came from the checkpoint
     assert (stage2_run / "models" / "checkpoint_epoch=3.pt").is_file()
 
@@ -103,6 +104,27 @@ def test_evaluate_scores_synthesis_beside_the_baseline(stage2_run: Path, stage1_
         assert math.isfinite(summary["mean"][key]), key
     assert (out / "metrics.csv").is_file() and (out / "baseline_ssim_raw.csv").is_file()
     assert (out / "cases" / f"{HELD_OUT}.png").is_file()
+
+
+def test_evaluate_split_test_scores_the_held_out_test_case(
+    stage2_run: Path, stage1_run: Stage1Run, phantom_dir: Path
+) -> None:
+    """`--split test` synthesises and scores the test list of dataset.json (Phantom_00005), not the validation case."""
+    out = stage2_run / "evaluate_test"
+    run_bundle(
+        TRANSFORMER_BUNDLE,
+        ["train.json", "evaluate.json"],
+        *stage1_run.stage2_args(phantom_dir),
+        *TINY_TRANSFORMER,
+        "--ckpt_dir", str(stage2_run / "models"),
+        "--output_dir", str(out),
+        "--split", "test",
+    )  # fmt: skip
+    assert [e["case"] for e in json.loads((phantom_dir / "dataset.json").read_text())["test"]] == [TEST_CASE]
+    summary = json.loads((out / "metrics.json").read_text())
+    assert sorted(summary["per_item"]) == [TEST_CASE]
+    assert math.isfinite(summary["mean"]["val_psnr"])
+    assert (out / "cases" / f"{TEST_CASE}.png").is_file() and not (out / "cases" / f"{HELD_OUT}.png").exists()
 
 
 @pytest.mark.parametrize(
@@ -313,3 +335,12 @@ def test_same_seed_same_synthesis_and_run_record(stage2_run: Path, stage1_run: S
     np.testing.assert_array_equal(outputs[0], outputs[1])
     record = json.loads((stage2_run / "repeat_a" / "run_record_inference.json").read_text())
     assert record["config"]["seed"] == 7
+
+
+def test_learning_rate_in_tensorboard_and_log(stage2_run: Path) -> None:
+    from tests.integration.test_training_conventions import stage2_rates, tensorboard_scalars
+
+    rates = stage2_rates(epochs=2)
+    assert tensorboard_scalars(stage2_run / "eval", "learning_rate") == pytest.approx(rates)
+    logged = re.findall(r"State values: learning_rate: ([\d.e-]+)", (stage2_run / "train.log").read_text())
+    assert [float(rate) for rate in logged] == pytest.approx([rates[1], rates[2]])

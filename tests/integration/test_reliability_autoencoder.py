@@ -4,6 +4,7 @@ results are never replaced by accident, and the same seed repeats a run."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import torch
 from conftest import AUTOENCODER_BUNDLE, TINY_AUTOENCODER, last_error_line, run_bundle, tiny_autoencoder
 
 from prod9_ext import TransformerDecoder
-from prod9_ext.engines.error_summary import SUMMARY_PREFIX
+from prod9_ext.engines.error_summary import LOG_NAME, SUMMARY_PREFIX, TRACEBACK_VARIABLE
 
 SLOW = pytest.mark.slow  # the same check and code path as a case of the default run
 
@@ -135,7 +136,7 @@ def test_bad_volume_is_one_line_and_loses_nothing(
     _refused(_infer(models, out, bad, "--overwrite", "true", fail=True), str(bad), message)
     assert earlier.read_bytes() == b"an earlier result"
     # no result, no temporary file; the run record only when the failure came after the start (voxel checks)
-    assert {p.name for p in out.iterdir()} <= {earlier.name, "run_record_inference.json"}
+    assert {p.name for p in out.iterdir()} <= {earlier.name, "run_record_inference.json", LOG_NAME}
 
 
 def _brats(damage: Callable[[Path], None]) -> Callable[[Path, Path], tuple[Path, list[str]]]:
@@ -299,7 +300,7 @@ def test_results_are_kept_unless_overwrite(models: Path, scan: Path, tmp_path: P
     )
     assert recon.read_bytes() == before
     _infer(models, out, scan, "--overwrite", "true")
-    assert sorted(p.name for p in out.iterdir()) == ["run_record_inference.json", "scan_recon.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [LOG_NAME, "run_record_inference.json", "scan_recon.nii.gz"]
 
 
 def test_training_never_replaces_a_model(phantom_dir: Path, tmp_path: Path) -> None:
@@ -309,6 +310,62 @@ def test_training_never_replaces_a_model(phantom_dir: Path, tmp_path: Path) -> N
     _refused(_train(phantom_dir, tmp_path, fail=True), f"ckpt_dir {model.parent} already holds results (model.pt)")
     assert model.read_bytes() == b"a good model"
     assert [p.name for p in model.parent.iterdir()] == ["model.pt"] and not (tmp_path / "eval").exists()
+
+
+TRACEBACK_LINES = re.compile(r'^(Traceback \(most recent call last\)|\s+File "|\s*\^+$|The above exception)', re.M)
+
+
+@pytest.mark.parametrize("output_dir_exists", [True, False], ids=["in the output folder", "in the temporary folder"])
+def test_missing_input_file_is_one_line_naming_the_traceback_log(
+    models: Path, tmp_path: Path, output_dir_exists: bool
+) -> None:
+    """A user error: one line on the terminal, naming the log file that holds the traceback; no folder made for it."""
+    out, temporary, missing = tmp_path / "out", tmp_path / "tmp", tmp_path / "missing_case.nii.gz"
+    temporary.mkdir()
+    if output_dir_exists:
+        out.mkdir()
+    result = run_bundle(
+        AUTOENCODER_BUNDLE,
+        ["inference.json"],
+        *TINY_AUTOENCODER,
+        "--ckpt_dir", str(models),
+        "--output_dir", str(out),
+        "--input_files", f"['{missing}']",
+        expect_failure=True,
+        env={"TMPDIR": str(temporary)},
+    )  # fmt: skip
+    terminal = result.stdout + result.stderr
+    assert not TRACEBACK_LINES.search(terminal), terminal[-3000:]
+    line = last_error_line(result)
+    assert [text for text in terminal.splitlines() if SUMMARY_PREFIX in text] == [line]
+    expected = f"{SUMMARY_PREFIX}FileNotFoundError: input_files: no such file: {missing} (traceback: "
+    assert line.startswith(expected) and line.endswith(")"), line
+    log = Path(line[len(expected) : -1])
+    if output_dir_exists:
+        assert log == out / LOG_NAME
+    else:
+        assert log.parent == temporary and log.name.startswith("prod9_error_") and not out.exists()
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "token_writer.py" in text
+    assert f"FileNotFoundError: input_files: no such file: {missing}" in text
+
+
+def test_traceback_on_the_terminal_when_asked(models: Path, tmp_path: Path) -> None:
+    missing, temporary = tmp_path / "missing_case.nii.gz", tmp_path / "tmp"
+    temporary.mkdir()
+    result = run_bundle(
+        AUTOENCODER_BUNDLE,
+        ["inference.json"],
+        *TINY_AUTOENCODER,
+        "--ckpt_dir", str(models),
+        "--output_dir", str(tmp_path / "out"),
+        "--input_files", f"['{missing}']",
+        expect_failure=True,
+        env={TRACEBACK_VARIABLE: "1", "TMPDIR": str(temporary)},
+    )  # fmt: skip
+    assert TRACEBACK_LINES.search(result.stderr) and "token_writer.py" in result.stderr
+    assert last_error_line(result) == f"{SUMMARY_PREFIX}FileNotFoundError: input_files: no such file: {missing}"
+    assert not list(temporary.glob("prod9_error_*")) and not (tmp_path / "out").exists()
 
 
 def test_unwritable_output_dir_fails_at_start_up(models: Path, scan: Path, tmp_path: Path) -> None:

@@ -24,13 +24,14 @@ def test_quickstart_smoke_end_to_end_and_rerun(tmp_path: Path) -> None:
 
     report = (tmp_path / "report.md").read_text()
     assert "python -m monai.bundle run" in report and "| **total** |" in report
+    assert "the test split" in report
     assert "| report: score the block-PCA codes on the held-out cases |" in report  # its time counts too
     stage1 = json.loads((tmp_path / "autoencoder" / "evaluate" / "metrics.json").read_text())["mean"]
     assert all(math.isfinite(stage1[k]) for k in ("val_psnr", "val_ssim", "val_codebook_usage"))
     references = [line.split("|") for line in report.splitlines() if line.startswith("| block PCA")]
     assert len(references) == 3  # rounded to the FSQ levels, unrounded, one more component unrounded
     assert all(math.isfinite(float(cells[2])) and 0 < float(cells[3]) <= 1 for cells in references)
-    held_out = json.loads((tmp_path / "data" / "dataset.json").read_text())["validation"]
+    held_out = json.loads((tmp_path / "data" / "dataset.json").read_text())["test"]  # the report scores the test cases
     names = sorted(case["case"] for case in held_out)
     for task, target in TASKS.items():
         metrics = json.loads((tmp_path / "transformer" / f"evaluate_{task}" / "metrics.json").read_text())

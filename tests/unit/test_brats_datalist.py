@@ -130,7 +130,7 @@ def test_folds_are_disjoint_and_cover_all_cases(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"split": "test"}, "split"),
+        ({"split": "testing"}, "split"),
         ({"val_fraction": 1.0}, "val_fraction"),
         ({"fold": 0}, "num_folds"),
         ({"fold": 3, "num_folds": 3}, "fold"),
@@ -169,3 +169,52 @@ def test_dataset_json_naming_a_missing_case(tmp_path: Path) -> None:
     (tmp_path / "dataset.json").write_text(json.dumps({"training": [{"case": "BraTS2021_00009"}]}))
     with pytest.raises(FileNotFoundError, match="BraTS2021_00009"):
         load_brats_datalist(tmp_path)
+
+
+def _write_datalist(root: Path, training: list[str], validation: list[str], test: list[str] | None) -> Path:
+    content: dict = {"training": [{"case": c} for c in training], "validation": [{"case": c} for c in validation]}
+    if test is not None:
+        content["test"] = [{"case": c} for c in test]
+    path = root / "dataset.json"
+    path.write_text(json.dumps(content))
+    return path
+
+
+def test_test_split_from_dataset_json_is_held_out_of_every_other_split(tmp_path: Path) -> None:
+    cases = make_dataset(tmp_path, 6)
+    _write_datalist(tmp_path, cases[:3], cases[3:4], cases[4:])
+
+    def names(split: str, **kwargs) -> list[str]:
+        return [c["case"] for c in load_brats_datalist(tmp_path, split=split, **kwargs)]
+
+    assert names("test") == cases[4:]
+    assert names("training") == cases[:3] and names("validation") == cases[3:4]
+    assert names("all") == cases[:4]  # "all" is training + validation, never the test cases
+    for fold in range(2):  # folds cut training + validation only
+        assert not set(names("validation", fold=fold, num_folds=2)) & set(cases[4:])
+        assert not set(names("training", fold=fold, num_folds=2)) & set(cases[4:])
+    assert names("test", fold=0, num_folds=2) == cases[4:]
+
+
+@pytest.mark.parametrize("test_list", [None, []], ids=["no-test-key", "empty-test-list"])
+def test_test_split_without_a_test_list_names_file_and_key(tmp_path: Path, test_list: list | None) -> None:
+    cases = make_dataset(tmp_path, 3)
+    path = _write_datalist(tmp_path, cases[:2], cases[2:], test_list)
+    with pytest.raises(ValueError, match="'test'") as error:
+        load_brats_datalist(tmp_path, split="test")
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_test_split_without_dataset_json_names_the_file(tmp_path: Path) -> None:
+    make_dataset(tmp_path, 3)
+    with pytest.raises(ValueError, match="'test'") as error:
+        load_brats_datalist(tmp_path, split="test")
+    assert str(tmp_path / "dataset.json") in str(error.value) and "\n" not in str(error.value)
+
+
+def test_test_case_listed_for_training_is_refused(tmp_path: Path) -> None:
+    cases = make_dataset(tmp_path, 3)
+    _write_datalist(tmp_path, cases[:2], cases[2:], cases[1:2])
+    for split in ("training", "test"):
+        with pytest.raises(ValueError, match=f"test cases also listed.*{cases[1]}"):
+            load_brats_datalist(tmp_path, split=split)

@@ -176,11 +176,68 @@ def test_interrupted_write_leaves_no_partial_volume(tmp_path: Path, monkeypatch:
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"num_cases": 0}, "num_cases"), ({"val_fraction": 1.0}, "val_")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_cases": 0}, "num_cases"),
+        ({"val_fraction": 1.0}, "val_"),
+        ({"test_fraction": -0.1}, "test_fraction"),
+        ({"num_cases": 2, "val_fraction": 0.5, "test_fraction": 0.5}, "no training case"),
+    ],
+)
 def test_dataset_rejects_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
     arguments = {"num_cases": 1, "seed": 0, "spacing": SPACING} | kwargs
     with pytest.raises(ValueError, match=match):
         make_phantom_dataset(tmp_path, **arguments)
+    assert list(tmp_path.iterdir()) == []  # refused before anything is written
+
+
+@pytest.fixture
+def fast_cases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """make_phantom_dataset without drawing or writing volumes: only dataset.json is real (the split logic)."""
+    monkeypatch.setattr("prod9_ext.data.phantoms.generate_phantom_case", lambda *args, **kwargs: None)
+    monkeypatch.setattr("prod9_ext.data.phantoms._write_case", lambda root, name, *args, **kwargs: {"case": name})
+
+
+def _splits(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize(("num_cases", "sizes"), [(24, (16, 4, 4)), (5, (3, 1, 1)), (10, (6, 2, 2))])
+def test_default_three_way_split(tmp_path: Path, fast_cases: None, num_cases: int, sizes: tuple) -> None:
+    datalist = _splits(make_phantom_dataset(tmp_path, num_cases=num_cases, seed=0))
+    names = [[e["case"] for e in datalist[key]] for key in ("training", "validation", "test")]
+    assert tuple(len(n) for n in names) == sizes
+    assert (datalist["numTraining"], datalist["numValidation"], datalist["numTest"]) == sizes
+    assert [n for split in names for n in split] == [f"Phantom_{i:05d}" for i in range(num_cases)]  # disjoint, all
+    assert names[2] == [f"Phantom_{i:05d}" for i in range(num_cases - sizes[2], num_cases)]  # the last cases
+
+
+def test_three_way_split_is_deterministic(tmp_path: Path, fast_cases: None) -> None:
+    first = _splits(make_phantom_dataset(tmp_path / "a", num_cases=7, seed=3, val_fraction=0.3, test_fraction=0.3))
+    again = _splits(make_phantom_dataset(tmp_path / "b", num_cases=7, seed=3, val_fraction=0.3, test_fraction=0.3))
+    assert first == again
+    assert (first["numTraining"], first["numValidation"], first["numTest"]) == (3, 2, 2)
+
+
+def test_no_test_fraction_writes_an_empty_test_list(tmp_path: Path, fast_cases: None) -> None:
+    datalist = _splits(make_phantom_dataset(tmp_path, num_cases=5, seed=0, val_fraction=0.2, test_fraction=0.0))
+    assert (datalist["numTraining"], datalist["numValidation"], datalist["numTest"]) == (4, 1, 0)
+    assert datalist["test"] == []
+
+
+def test_test_split_reads_back_through_load_brats_datalist(tmp_path: Path) -> None:
+    make_phantom_dataset(tmp_path, num_cases=3, seed=7, spacing=SPACING, val_fraction=0.34, test_fraction=0.34)
+    assert [e["case"] for e in load_brats_datalist(tmp_path, split="training")] == ["Phantom_00000"]
+    assert [e["case"] for e in load_brats_datalist(tmp_path, split="validation")] == ["Phantom_00001"]
+    (test,) = load_brats_datalist(tmp_path, split="test")
+    assert test["case"] == "Phantom_00002" and set(test) == {"case", *FILE_KEYS}
+
+
+def test_cli_passes_the_fractions(tmp_path: Path, fast_cases: None) -> None:
+    _load_cli().main(str(tmp_path), num_cases=10, val_fraction=0.1, test_fraction=0.3)
+    datalist = _splits(tmp_path / "dataset.json")
+    assert (datalist["numTraining"], datalist["numValidation"], datalist["numTest"]) == (6, 1, 3)
 
 
 def _load_cli():

@@ -120,7 +120,7 @@ def test_synthesis_datalist(tmp_path: Path) -> None:
     assert given[0]["case"] == "P2"
     with pytest.raises(FileNotFoundError, match="case P2 has no t2"):
         synthesis_datalist([str(tmp_path / "P1"), str(tmp_path / "P2")], ["t1", "t2"])
-    with pytest.raises(FileNotFoundError, match="no case folder matches"):
+    with pytest.raises(FileNotFoundError, match="no case folder or NIfTI file matches"):
         synthesis_datalist(str(tmp_path / "Q*"), ["t1"])
     out = tmp_path / "out"
     out.mkdir()
@@ -128,6 +128,39 @@ def test_synthesis_datalist(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="--overwrite true"):
         synthesis_datalist(str(tmp_path / "P*"), ["t1"], out, "flair")
     assert len(synthesis_datalist(str(tmp_path / "P*"), ["t1"], out, "flair", overwrite=True)) == 2
+
+
+def test_synthesis_datalist_of_nifti_files(tmp_path: Path) -> None:
+    """One source modality: a file, a glob or a list of files are cases named after the file, as stage 1 names them."""
+    _write_case(tmp_path / "P1", ["t1", "t2"])
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for name in ("patient1_t1.nii.gz", "patient2-t1n.nii", "scan.nii.gz"):
+        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), dtype=np.float32), np.eye(4)), loose / name)
+    (loose / "notes.txt").write_text("ignored")
+    single = synthesis_datalist(str(loose / "patient1_t1.nii.gz"), ["t1"])
+    assert single == [{"case": "patient1", "t1": str(loose / "patient1_t1.nii.gz")}]
+    assert [c["case"] for c in synthesis_datalist(str(loose / "*"), ["t1"])] == ["patient1", "patient2", "scan"]
+    listed = synthesis_datalist([str(loose / "scan.nii.gz"), str(tmp_path / "P1")], ["t1"])
+    assert [c["case"] for c in listed] == ["scan", "P1"]
+    given = synthesis_datalist(
+        [{"t1": str(tmp_path / "P1" / "P1_t1.nii.gz")}, {"t1": str(loose / "scan.nii.gz")}], ["t1"]
+    )
+    assert [c["case"] for c in given] == ["P1", "scan"]  # a dict is named after its source file, not its folder
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "patient1_t2_synth.nii.gz").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match=r"patient1_t2_synth\.nii\.gz exists"):
+        synthesis_datalist(str(loose / "patient1_t1.nii.gz"), ["t1"], out, "t2")
+    with pytest.raises(ValueError, match=r"patient1_t1.nii.gz is one image but source_modalities \['t1', 't2'\]"):
+        synthesis_datalist(str(loose / "patient1_t1.nii.gz"), ["t1", "t2"])
+    with pytest.raises(FileNotFoundError, match=r"no such case folder or NIfTI file .*missing_t1\.nii\.gz"):
+        synthesis_datalist([str(loose / "missing_t1.nii.gz")], ["t1"])
+    with pytest.raises(ValueError, match="two cases are named 'scan'"):
+        synthesis_datalist([str(loose / "scan.nii.gz"), {"t1": str(loose / "scan.nii.gz")}], ["t1"])
+    (loose / "broken_t1.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(ValueError, match=r"broken_t1\.nii\.gz"):
+        synthesis_datalist(str(loose / "broken_t1.nii.gz"), ["t1"])
 
 
 def test_start_up_checks_name_the_key() -> None:
