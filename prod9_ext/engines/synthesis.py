@@ -193,7 +193,8 @@ class SynthesisInferer(Inferer):
                 codes.append(quantizer.indices_to_codes(tokens))
         target_codes = torch.cat(codes)
         tokens = quantizer.codes_to_indices(target_codes)
-        synthesised = self.tokenizer.wrapper.decode(target_codes, padded).float()
+        # The preprocessed images lie in [0, 1]; the decoder's output may overshoot it slightly.
+        synthesised = self.tokenizer.wrapper.decode(target_codes, padded).float().clamp(0.0, 1.0)
         crop = tuple(slice(before, before + n) for n, (before, _) in zip(spatial, margins, strict=True))
         # A MetaTensor, so that Invertd maps it back to the input's grid with the sources' recorded transforms.
         pred = MetaTensor(synthesised[(..., *crop)].contiguous())
