@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check, in one go on a CUDA machine (about 8 minutes on one H100): install prod9 with its dev tools at the
-# pinned versions, run the GPU-marked tests, run the benchmark at real sizes (stage 1 at 128³ with bf16 autocast,
-# stage 2 at 16³ and 24×24×18 tokens, SDPA attention), and print a short table last. Each step has its own time
-# limit; a step that fails or runs out of time is reported in the table and the next step still runs.
+# The GPU check, in one go on a CUDA machine (about 8 minutes on one H100, and up to 7 more for the dry run): install
+# prod9 with its dev tools at the pinned versions, run the GPU-marked tests, run the benchmark at real sizes (stage 1
+# at 128³ with bf16 autocast, stage 2 at 16³ and 24×24×18 tokens, SDPA attention), run the dry run of every bundle
+# workflow at the bundles' default sizes with bf16 (scripts/real_size_check.py), and print a short table last. Each
+# step has its own time limit; a step that fails or runs out of time is reported in the table and the next step still
+# runs.
 #
-#     bash scripts/gpu_check.sh            # logs in benchmarks/gpu_check/, results in benchmarks/results_cuda.json
+#     bash scripts/gpu_check.sh            # logs in benchmarks/gpu_check/, results in benchmarks/results_cuda.json,
+#                                          # the dry run in benchmarks/gpu_check/real_size_check/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,10 +47,14 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'CUDA
 run_step gpu-tests 80 python -m pytest -m gpu tests/gpu -q -p no:cacheprovider
 rm -f "$RESULTS"
 run_step benchmark 270 python scripts/benchmark.py --device cuda --profile gpu --threads 8 --output "$RESULTS"
+run_step real-size 420 python scripts/real_size_check.py --device cuda --amp true \
+    --output_dir "$LOG_DIR/real_size_check" --overwrite true --timeout_s 240
 
 echo
 echo "## Benchmark tables"
 sed -n '/^## /,$p' "$LOG_DIR/benchmark.log" | sed '/^## Summary/,$d'
+sed -n '/^## Dry run/,$p' "$LOG_DIR/real-size.log"
+echo
 echo "## GPU check on $GPU"
 echo
 echo "| step | status | seconds |"

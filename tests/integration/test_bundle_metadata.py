@@ -234,3 +234,13 @@ def test_metadata_lists_every_declared_dependency(bundle: str) -> None:
     own_keys = {"monai", "torch", "numpy"}  # metadata has monai_version, pytorch_version, numpy_version
     missing = sorted(set(_declared_dependencies()) - listed - own_keys)
     assert not missing, f"{bundle}/configs/metadata.json required_packages_version lacks {missing}"
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_inference_builds_the_network_train_builds(bundle: str) -> None:
+    """``inference.json`` repeats ``network_def``: it must be train.json's, or trained weights do not load."""
+    configs = BUNDLES_DIR / bundle / "configs"
+    trained = json.loads((configs / "train.json").read_text())["network_def"]
+    inferred = json.loads((configs / "inference.json").read_text()).get("network_def", trained)
+    differing = sorted(k for k in set(trained) | set(inferred) if trained.get(k) != inferred.get(k))
+    assert not differing, f"{bundle}: inference.json network_def differs from train.json in {differing}"
