@@ -134,14 +134,18 @@ def unpatchify(x: torch.Tensor, grid_shape: Sequence[int], p: int) -> torch.Tens
 
 
 class SelfAttention(nn.Module):
-    """Bidirectional multi-head self-attention with ``scaled_dot_product_attention``."""
+    """Bidirectional multi-head self-attention with ``scaled_dot_product_attention``.
+
+    Dropout acts on the output projection, not on the attention weights: with attention dropout, PyTorch's CPU
+    attention falls back to the math kernel, which holds every ``L × L`` weight matrix (hundreds of GiB at the
+    BraTS grid's 10,368 positions), while the fused kernels never materialise them.
+    """
 
     def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
@@ -149,7 +153,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, dim = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v)
         return self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, n, dim)))
 
 
@@ -393,7 +397,7 @@ class TransformerDecoder(nn.Module):
         num_classes: class labels ``0 .. num_classes - 1`` (0: no class conditioning); the extra index
             ``num_classes`` is the "null class" used when the label is absent or dropped.
         patch_size: ``p``; each sequence position covers ``p³`` tokens (1 for small grids, 2 at 16³ and above).
-        dropout: dropout on embeddings, attention weights and residual branches.
+        dropout: dropout on embeddings and residual branches (not on attention weights; see ``SelfAttention``).
         fsq_levels: the FSQ levels of the tokenizer (``prod(fsq_levels) == vocab_size``), or None. Given, tokens
             are also embedded through their code vectors and the logits get a factorised per-level term (see the
             module docstring); the token order and the output shape do not change.

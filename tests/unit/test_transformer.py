@@ -292,3 +292,20 @@ def test_autocast_on_cuda() -> None:
         logits = gpu(**inputs)
     assert torch.isfinite(logits).all()
     assert torch.allclose(logits.float(), reference, atol=0.1 * reference.abs().max().item())
+
+
+def test_training_attention_keeps_the_fused_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attention-weight dropout would send CPU attention to the math kernel (every L×L matrix held): none is asked."""
+    import prod9_ext.transformer as transformer_module
+
+    calls: list[dict] = []
+    original = transformer_module.F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformer_module.F, "scaled_dot_product_attention", recording)
+    model = TransformerDecoder(2, 32, 4, 64, V, (4, 4, 4), 4, dropout=0.5).train()
+    model(_tokens(2), torch.tensor([0, 1]))
+    assert len(calls) == 2 and all(call.get("dropout_p", 0.0) == 0.0 and "attn_mask" not in call for call in calls)
