@@ -140,7 +140,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if not isinstance(epoch, int) or epoch < 1 or self._key_metric_name not in (None, metric):
             return
         if (Path(self.save_dir) / filename).is_file():
-            checkpoint._saved.append(Checkpoint.Item(self._key_metric_sign * best, filename))
+            checkpoint._saved.append(Checkpoint.Item(self._key_metric_sign * float(best), filename))
             self.logger.info(f"{filename}: the best {metric} so far is {best:.4f} (epoch {epoch}); kept until beaten.")
 
 
@@ -162,12 +162,14 @@ class BestMetricState:
     def state_dict(self) -> dict[str, float | int]:
         """``{"best_metric": float, "best_metric_epoch": int}`` (-1 and -1 before the first validation)."""
         state = self.evaluator.state
-        return {"best_metric": float(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch)}
+        best, epoch = getattr(state, "best_metric", -1), getattr(state, "best_metric_epoch", -1)
+        return {"best_metric": float(best), "best_metric_epoch": int(epoch)}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the evaluator's best metric and its epoch."""
-        self.evaluator.state.best_metric = float(state_dict["best_metric"])
-        self.evaluator.state.best_metric_epoch = int(state_dict["best_metric_epoch"])
+        state = self.evaluator.state
+        setattr(state, "best_metric", float(state_dict["best_metric"]))  # noqa: B010 (not a declared State field)
+        setattr(state, "best_metric_epoch", int(state_dict["best_metric_epoch"]))  # noqa: B010
 
 
 class CheckedCheckpointLoader(CheckpointLoader):
