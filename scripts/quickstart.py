@@ -3,11 +3,11 @@
 The report puts prod9 beside the peer a user would pick for paired synthesis: a regression U-Net
 (``scripts/regression_peer.py``) trained on the same cases for the same wall time as prod9's two stages.
 
-    python scripts/quickstart.py                          # embedded phantoms, CPU demo settings (about 18 min)
+    python scripts/quickstart.py                          # embedded phantoms, CPU demo settings
     python scripts/quickstart.py --dataset_dir /data/BraTS2021   # the same on your BraTS folder (or BRATS_DATA_DIR)
 
-About 18 minutes on the project's 2-core CPU, which runs bf16 autocast in hardware (AMX); on a CPU without AMX or
-AVX512-BF16 the steps run in float32 and take 1.3-2x as long.
+The report gives the wall time of every step. The demo trains in bf16 autocast where the CPU runs it in hardware
+(AMX or AVX512-BF16), in float32 elsewhere.
 
 Every step is a command line of the bundles (``python -m monai.bundle run ...``), printed before it runs, so the
 report ends with the exact commands to rerun any step. Each finished step leaves a record in

@@ -34,7 +34,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     config = root / "tiny_autoencoder.json"
     config.write_text(json.dumps(TINY_AUTOENCODER_SETTINGS))
     torch.manual_seed(0)
-    torch.save(tiny_autoencoder().state_dict(), root / "autoencoder.pt")
+    torch.save(decode_to_a_constant(tiny_autoencoder()).state_dict(), root / "autoencoder.pt")
     overrides = {
         "autoencoder_config": ["train.json", str(config)],
         "autoencoder_weights": str(root / "autoencoder.pt"),
@@ -122,3 +122,13 @@ def test_a_glob_of_nifti_files_gives_whole_brain_samples(models: list[str], mni_
     )  # fmt: skip
     for name, source in (("patient1", "patient1_t1.nii.gz"), ("patient2", "patient2_t1.nii")):
         _assert_whole_brain_on_the_input_grid(tmp_path / "out" / f"{name}_t2_synth.nii.gz", inputs / source)
+
+
+def decode_to_a_constant(autoencoder: torch.nn.Module, value: float = 0.5) -> torch.nn.Module:
+    """Make the decoder's last convolution output ``value`` everywhere: synthesis clamps to [0, 1], so an untrained
+    decoder's negative output would read as 0, which these tests take for a voxel the windows never covered."""
+    last = [m for m in autoencoder.decoder.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(value)
+    return autoencoder

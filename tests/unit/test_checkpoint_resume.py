@@ -87,6 +87,7 @@ def test_resumed_run_keeps_the_best_model(tmp_path: Path, caplog: pytest.LogCapt
         "best_metric_epoch": 2,
     }
 
+    caplog.clear()  # only the resumed run's records (another test may have left INFO logging on)
     with caplog.at_level(logging.INFO):
         evaluator = _train(tmp_path, [0.6], max_epochs=3, resume=True)
     assert (tmp_path / "model.pt").read_bytes() == best  # a worse model does not replace it

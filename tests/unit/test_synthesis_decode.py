@@ -89,8 +89,9 @@ def test_mean_decodes_the_expected_code_between_two_likely_tokens() -> None:
         return quantizer.indices_to_codes(indices.view(1, *GRID))
 
     with torch.no_grad():
-        midway = tokenizer.wrapper.decode((codes(first) + codes(second)) / 2, IMAGE)
-        either = [tokenizer.wrapper.decode(codes(indices), IMAGE) for indices in (first, second)]
+        # synthesis clamps to the images' intensity range [0, 1]
+        midway = tokenizer.wrapper.decode((codes(first) + codes(second)) / 2, IMAGE).clamp(0, 1)
+        either = [tokenizer.wrapper.decode(codes(indices), IMAGE).clamp(0, 1) for indices in (first, second)]
     torch.testing.assert_close(pred, midway, atol=1e-5, rtol=0)
     assert all((pred - image).abs().max() > 1e-2 for image in either)
 

@@ -27,7 +27,7 @@ GRID = (7, 4, 6)  # ceil((13, 8, 11) / 2): y padded to the ROI
 STEPS = 3
 
 
-def _tokenizer() -> Stage1Tokenizer:
+def _tokenizer(constant_output: bool = False) -> Stage1Tokenizer:
     torch.manual_seed(0)
     autoencoder = AutoencoderFSQ(
         num_channels=(8, 8),
@@ -36,8 +36,20 @@ def _tokenizer() -> Stage1Tokenizer:
         attention_levels=(False, False),
         fsq_levels=LEVELS,
     ).eval()
+    if constant_output:
+        decode_to_a_constant(autoencoder)
     wrapper = AutoencoderInferenceWrapper(autoencoder, SlidingWindowConfig(roi_size=ROI, overlap=0.5))
     return Stage1Tokenizer(wrapper, V, 2, "fingerprint", "weights.pt", [1.0, 1.0, 1.0])
+
+
+def decode_to_a_constant(autoencoder: torch.nn.Module, value: float = 0.5) -> torch.nn.Module:
+    """Make the decoder's last convolution output ``value`` everywhere: synthesis clamps to [0, 1], so an untrained
+    decoder's negative output would read as 0, which these tests take for a voxel the windows never covered."""
+    last = [m for m in autoencoder.decoder.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(value)
+    return autoencoder
 
 
 def _transformer() -> TransformerDecoder:
@@ -153,7 +165,8 @@ def test_expected_codes_of_every_window_blend_into_valid_codes(blend_mode: str) 
 @pytest.mark.parametrize("decode", ["sample", "mean"])
 def test_every_brain_voxel_of_an_image_larger_than_the_roi_is_synthesised(decode: str) -> None:
     batch = _brain_batch()
-    inferer = SynthesisInferer(_tokenizer(), MaskGiTSampler(steps=STEPS), "t2", ["t1"], decode=decode)
+    tokenizer = _tokenizer(constant_output=True)
+    inferer = SynthesisInferer(tokenizer, MaskGiTSampler(steps=STEPS), "t2", ["t1"], decode=decode)
     pred = inferer.synthesize(batch, _transformer(), torch.device("cpu"))["pred"]
     assert pred.shape == batch["t1"].shape
     brain = batch["t1"] > 0
