@@ -25,6 +25,9 @@ def test_quickstart_smoke_end_to_end_and_rerun(tmp_path: Path) -> None:
     report = (tmp_path / "report.md").read_text()
     assert "python -m monai.bundle run" in report and "| **total** |" in report
     assert "the test split" in report
+    assert "| T1 → T2 | regression peer: MONAI BasicUNet" in report
+    peer = json.loads((tmp_path / "peer" / "metrics.json").read_text())
+    assert sorted(peer) == sorted(TASKS) and all(0 < peer[task]["ssim"] <= 1 for task in TASKS)
     assert "| report: score the block-PCA codes on the held-out cases |" in report  # its time counts too
     stage1 = json.loads((tmp_path / "autoencoder" / "evaluate" / "metrics.json").read_text())["mean"]
     assert all(math.isfinite(stage1[k]) for k in ("val_psnr", "val_ssim", "val_codebook_usage"))
@@ -49,5 +52,5 @@ def test_quickstart_smoke_end_to_end_and_rerun(tmp_path: Path) -> None:
     # a rerun skips every finished step (the phantoms exist, so they are not even listed) and rewrites the report
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-4000:]
-    assert second.stdout.count("done before, skipped") == 3 + 2 * len(TASKS)
+    assert second.stdout.count("done before, skipped") == 4 + 2 * len(TASKS)  # stage 1 ×2, stage 2, tasks, peer
     assert "monai.bundle run" not in second.stdout
