@@ -506,14 +506,10 @@ class TransformerDecoder(nn.Module):
         x = self.token_embed(tokens) + self._embed_sources(tokens, sources, source_modalities, drop_condition)
         skip = None
         if self.token_stem is not None and self.token_merge is not None:
-            kept = None
-            if sources is not None and source_modalities is not None:
-                kept = (
-                    source_modalities
-                    if drop_condition is None
-                    else source_modalities.masked_fill(drop_condition[:, None], -1)
-                )
-            skip = self.token_stem(tokens, None if kept is None else sources, kept)
+            kept = source_modalities  # sources dropped for classifier-free guidance count as absent
+            if kept is not None and drop_condition is not None:
+                kept = kept.masked_fill(drop_condition[:, None], -1)
+            skip = self.token_stem(tokens, sources, kept)
             x = x + self.token_merge(patchify_features(skip, self.patch_size))
         x = self.drop(self.pos_embed(x))
         c = self._embed_condition(target_modality, class_label, drop_condition)

@@ -23,6 +23,7 @@ from tests.integration.conftest import (
     run_bundle,
     tiny_autoencoder,
 )
+from tests.unit.test_synthesis_windows import decode_to_a_constant
 
 NETWORK_AND_ROI = TINY_TRANSFORMER[:10]  # the network and ROI; inference has no batch size or warm-up
 
@@ -122,13 +123,3 @@ def test_a_glob_of_nifti_files_gives_whole_brain_samples(models: list[str], mni_
     )  # fmt: skip
     for name, source in (("patient1", "patient1_t1.nii.gz"), ("patient2", "patient2_t1.nii")):
         _assert_whole_brain_on_the_input_grid(tmp_path / "out" / f"{name}_t2_synth.nii.gz", inputs / source)
-
-
-def decode_to_a_constant(autoencoder: torch.nn.Module, value: float = 0.5) -> torch.nn.Module:
-    """Make the decoder's last convolution output ``value`` everywhere: synthesis clamps to [0, 1], so an untrained
-    decoder's negative output would read as 0, which these tests take for a voxel the windows never covered."""
-    last = [m for m in autoencoder.decoder.modules() if isinstance(m, torch.nn.Conv3d)][-1]
-    with torch.no_grad():
-        last.weight.zero_()
-        last.bias.fill_(value)
-    return autoencoder
