@@ -237,7 +237,9 @@ def training_activation_bytes(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     device = torch.device(device)
-    ae = _parser(AUTOENCODER, autoencoder_configs, {})
+    # Counted without activation checkpointing (on in the bundles when amp is off): autograd's saved tensors do not
+    # show what checkpointing recomputes; the CPU run's peak resident memory shows its effect.
+    ae = _parser(AUTOENCODER, autoencoder_configs, {"network_def#use_checkpointing": False})
     levels = list(ae["network_def"]["fsq_levels"])
     if stage == "stage1":
         network = ae.get_parsed_content("network_def")

@@ -81,10 +81,30 @@ def test_maisi_memory_options_give_same_result(options: dict) -> None:
     x = torch.rand(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert torch.allclose(plain.reconstruct(x), other.reconstruct(x), atol=1e-5)
-    if options.get("use_checkpointing"):
-        reconstruction, _, _ = other.train()(x)
-        reconstruction.mean().backward()
-        assert all(p.grad is not None for p in other.parameters())
+    if options.get("use_checkpointing"):  # block-by-block recomputation gives the plain gradients
+        for model in (plain, other):
+            reconstruction, _, _ = model.train()(x)
+            (reconstruction - x).square().mean().backward()
+        for (name, p), q in zip(plain.named_parameters(), other.parameters(), strict=True):
+            assert q.grad is not None and torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_checkpointing_recomputes_block_by_block_only_while_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prod9_ext.autoencoder as module
+
+    calls: list[torch.nn.Module] = []
+
+    def counting(block, x, **kwargs):
+        calls.append(block)
+        return torch.utils.checkpoint.checkpoint(block, x, **kwargs)
+
+    monkeypatch.setattr(module, "checkpoint", counting)
+    model = tiny_autoencoder(use_checkpointing=True)
+    model.train()(torch.rand(1, 1, 32, 32, 32))[0].mean().backward()
+    assert calls == [*model.encoder.blocks, *model.decoder.blocks]
+    with torch.no_grad():
+        model(torch.rand(1, 1, 32, 32, 32))
+    assert len(calls) == len(model.encoder.blocks) + len(model.decoder.blocks)  # nothing to recompute without grad
 
 
 def test_fused_group_norm_replaces_maisi_loop() -> None:
