@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -48,22 +48,33 @@ class MaskGiTScheduler:
         cond_drop_prob: probability that a sample gets the "no condition" state (classifier-free guidance).
         source_drop_prob: probability that each present source slot is dropped independently. At 0.5 every subset
             of the present sources, the empty one included, is equally likely.
+        full_mask_prob: probability that a sample has all its tokens masked instead of a ratio from the schedule.
+            Synthesis by expected codes (``MaskGiTSampler.predict``) makes one call on the all-masked grid, which
+            the schedule alone trains on a few percent of samples.
     """
 
     def __init__(
-        self, vocab_size: int, schedule: str = "cosine", cond_drop_prob: float = 0.1, source_drop_prob: float = 0.5
+        self,
+        vocab_size: int,
+        schedule: str = "cosine",
+        cond_drop_prob: float = 0.1,
+        source_drop_prob: float = 0.5,
+        full_mask_prob: float = 0.0,
     ) -> None:
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be at least 1, got {vocab_size}")
         _check_probability("cond_drop_prob", cond_drop_prob)
         _check_probability("source_drop_prob", source_drop_prob)
+        _check_probability("full_mask_prob", full_mask_prob)
         self.gamma = mask_schedule(schedule)
         self.mask_id = vocab_size
         self.cond_drop_prob = cond_drop_prob
         self.source_drop_prob = source_drop_prob
+        self.full_mask_prob = full_mask_prob
 
     def mask(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks ``ceil(gamma(r) * N)`` random tokens per sample (at least one), with ``r ~ U(0, 1)`` per sample.
+        """Masks ``ceil(gamma(r) * N)`` random tokens per sample (at least one), with ``r ~ U(0, 1)`` per sample;
+        all ``N`` with probability ``full_mask_prob``.
 
         Args:
             tokens: ``Long[B, *grid]`` with ``N = prod(grid)``.
@@ -77,6 +88,9 @@ class MaskGiTScheduler:
         b, n = flat.shape
         ratio = torch.rand(b, generator=generator, device=tokens.device, dtype=torch.float64)
         num_masked = torch.ceil(self.gamma(ratio) * n).long().clamp(1, n)
+        if self.full_mask_prob > 0:
+            full = torch.rand(b, generator=generator, device=tokens.device) < self.full_mask_prob
+            num_masked = num_masked.masked_fill(full, n)
         scores = torch.rand(b, n, generator=generator, device=tokens.device)
         is_masked = scores.argsort(dim=1).argsort(dim=1) < num_masked[:, None]
         masked = flat.masked_fill(is_masked, self.mask_id).view_as(tokens)
@@ -118,6 +132,22 @@ class MaskedTokenModel(Protocol):
         class_label: torch.Tensor | None = None,
         drop_condition: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ConditionedTokenModel(Protocol):
+    """A model whose conditions can be computed once and reused over calls (``TransformerDecoder``)."""
+
+    def condition(
+        self,
+        target_modality: torch.Tensor,
+        sources: torch.Tensor | None = None,
+        source_modalities: torch.Tensor | None = None,
+        class_label: torch.Tensor | None = None,
+        drop_condition: torch.Tensor | None = None,
+    ) -> Any: ...
+
+    def logits(self, tokens: torch.Tensor, conditioning: Any) -> torch.Tensor: ...
 
 
 def _checked_shape(shape: Sequence[int], sources: torch.Tensor | None) -> tuple[int, ...]:
@@ -219,8 +249,9 @@ class MaskGiTSampler:
         flat = tokens.view(shape[0], -1)  # shares storage with tokens
         num_tokens = flat.shape[1]
         masked_at_start = (flat == mask_id).sum(dim=1).tolist()
+        call = self._bind(model, target_modality, sources, source_modalities, class_label)
         for step in range(self.steps):
-            logits = self._logits(model, tokens, step, target_modality, sources, source_modalities, class_label)
+            logits = self._guided(call(self._batch(tokens)), step)
             log_probs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
             candidates = self._categorical(log_probs, generator)
             confidence = log_probs.gather(-1, candidates[..., None]).squeeze(-1)
@@ -251,40 +282,53 @@ class MaskGiTSampler:
         """
         shape = _checked_shape(shape, sources)
         tokens = torch.full(shape, model.vocab_size, dtype=torch.long, device=target_modality.device)
-        last = self.steps - 1
-        logits = self._logits(model, tokens, last, target_modality, sources, source_modalities, class_label)
+        call = self._bind(model, target_modality, sources, source_modalities, class_label)
+        logits = self._guided(call(self._batch(tokens)), self.steps - 1)
         return torch.softmax(logits.float() / self.temperature, dim=-1)
 
-    def _logits(
+    def _bind(
         self,
         model: MaskedTokenModel,
-        tokens: torch.Tensor,
-        step: int,
         target_modality: torch.Tensor,
         sources: torch.Tensor | None,
         source_modalities: torch.Tensor | None,
         class_label: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """One model call: ``[B, N, V]`` logits, guided with one batched ``[cond; uncond]`` call when w > 0."""
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``tokens → logits`` with the conditions bound; with guidance, on the batch ``[cond; uncond]``.
+
+        A model with ``condition`` and ``logits`` (``TransformerDecoder``) computes the conditions' part once per
+        run instead of once per step.
+        """
+        drop = None
+        if self.guidance_scale > 0:
+
+            def twice(x: torch.Tensor | None) -> torch.Tensor | None:
+                return None if x is None else torch.cat([x, x])
+
+            b = target_modality.shape[0]
+            drop = torch.arange(2 * b, device=target_modality.device) >= b
+            target_modality, sources = twice(target_modality), twice(sources)  # type: ignore[assignment]
+            source_modalities, class_label = twice(source_modalities), twice(class_label)
+        conditions = {
+            "sources": sources,
+            "source_modalities": source_modalities,
+            "class_label": class_label,
+            "drop_condition": drop,
+        }
+        if isinstance(model, ConditionedTokenModel):
+            conditioning = model.condition(target_modality, **conditions)
+            return lambda tokens: model.logits(tokens, conditioning)
+        return lambda tokens: model(tokens, target_modality, **conditions)
+
+    def _batch(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens as the bound call takes them: twice over with guidance."""
+        return torch.cat([tokens, tokens]) if self.guidance_scale > 0 else tokens
+
+    def _guided(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """``[B, N, V]`` logits of step ``step``: ``uncond + (1 + w) * (cond - uncond)`` from ``[cond; uncond]``."""
         if self.guidance_scale == 0:
-            return model(
-                tokens, target_modality, sources=sources, source_modalities=source_modalities, class_label=class_label
-            )
-        b = tokens.shape[0]
-
-        def twice(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else torch.cat([x, x])
-
-        drop = torch.arange(2 * b, device=tokens.device) >= b
-        both = model(
-            torch.cat([tokens, tokens]),
-            torch.cat([target_modality, target_modality]),
-            sources=twice(sources),
-            source_modalities=twice(source_modalities),
-            class_label=twice(class_label),
-            drop_condition=drop,
-        ).float()
-        cond, uncond = both[:b], both[b:]
+            return logits
+        cond, uncond = logits.float().chunk(2)
         scale = self.guidance_scale * ((step + 1) / self.steps if self.guidance_ramp else 1.0)
         return uncond + (1 + scale) * (cond - uncond)
 

@@ -29,12 +29,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from prod9_ext.fsq import FiniteScalarQuantizer
+
+
+@dataclass
+class Conditioning:
+    """What the conditions contribute to a ``TransformerDecoder`` call (``TransformerDecoder.condition``).
+
+    ``c``: the AdaLN conditioning vector ``[B, D]``; ``source_patches``: the sources' embedding added to the target's
+    patches, ``[B, L, D]`` (``[D]`` without sources); ``source_tokens``: the sources' token-resolution features
+    ``[B, h, w, d, C]`` (``[C]`` without sources; None without the token path).
+    """
+
+    c: torch.Tensor
+    source_patches: torch.Tensor
+    source_tokens: torch.Tensor | None
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -220,11 +235,26 @@ class FinalLayer(nn.Module):
         """``x [B, L, D]``, ``c [B, D]`` → ``[B, L, p³ × V]``."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         x = modulate(self.norm(x), shift, scale)
-        logits = self.linear(x)
-        if self.level_linear is not None:
-            level_scores = self.level_linear(x).unflatten(-1, (self.slots, -1))
-            logits = logits + (level_scores @ self.level_of_token).flatten(-2)
-        return logits
+        if self.level_linear is None:
+            return self.linear(x)
+        return F.linear(x, *with_level_term(self.linear, self.level_linear, self.level_of_token, self.slots))
+
+
+def with_level_term(
+    linear: nn.Linear, level_linear: nn.Linear, level_of_token: torch.Tensor, slots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of one linear layer giving ``linear(x)`` plus the factorised per-level term.
+
+    For each of ``slots`` slots, ``linear`` gives ``V`` logits and ``level_linear`` ``S`` level scores, and token
+    ``v`` gets its logit plus the scores of its levels (``level_of_token [S, V]``). Both are linear in ``x``, so
+    the sum is a single layer whose weights are combined here (``slots × V × S × D`` operations, independent of the
+    number of positions) instead of a ``[positions, S] @ [S, V]`` product and a sum over every position's logits.
+    """
+    v, d = linear.weight.shape[0] // slots, linear.weight.shape[1]
+    level_weight = level_linear.weight.view(slots, -1, d)  # [slots, S, D]
+    weight = linear.weight.view(slots, v, d) + torch.einsum("ksd,sv->kvd", level_weight, level_of_token)
+    bias = linear.bias.view(slots, v) + level_linear.bias.view(slots, -1) @ level_of_token
+    return weight.reshape(slots * v, d), bias.reshape(slots * v)
 
 
 class ConvBlock(nn.Module):
@@ -282,27 +312,27 @@ class TokenStem(nn.Module):
                 torch.empty(num_modalities, features.shape[1], channels).uniform_(-bound, bound)
             )
 
-    def forward(
-        self, tokens: torch.Tensor, sources: torch.Tensor | None, source_modalities: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``tokens [B, h, w, d]``, ``sources [B, S, h, w, d]``, ``source_modalities [B, S]`` (``-1``: absent)
-        → ``[B, C, h, w, d]``. ``sources=None`` means no source at all."""
-        x = self.target(tokens)
+    def embed_sources(self, sources: torch.Tensor | None, source_modalities: torch.Tensor | None) -> torch.Tensor:
+        """The sources' part of each token's features: ``sources [B, S, h, w, d]``, ``source_modalities [B, S]``
+        (``-1``: absent) → ``[B, h, w, d, C]``; ``[C]`` (the learned vector) when ``sources`` is None."""
+        if sources is None or source_modalities is None:
+            return self.no_source
+        present = source_modalities >= 0
+        modality = source_modalities.clamp(min=0)
+        embedded = self.source(modality[:, :, None, None, None] * self.vocab_size + sources)
+        if self.target_code is not None:
+            weights = self.source_code[modality]  # [B, S, n + 1, C]: each slot's own modality map
+            embedded = embedded + torch.einsum("bsxyzn,bsnc->bsxyzc", self.code_features[sources], weights)
+        embedded = embedded * present[:, :, None, None, None, None].to(embedded.dtype)
+        count = present.sum(dim=1).to(embedded.dtype)[:, None, None, None, None]
+        mean = embedded.sum(dim=1) / count.clamp(min=1)
+        return torch.where(count > 0, mean, self.no_source)
+
+    def forward(self, tokens: torch.Tensor, source_features: torch.Tensor) -> torch.Tensor:
+        """``tokens [B, h, w, d]`` and ``embed_sources``'s output → ``[B, C, h, w, d]``."""
+        x = self.target(tokens) + source_features
         if self.target_code is not None:
             x = x + self.target_code(self.code_features[tokens])
-        if sources is None or source_modalities is None:
-            x = x + self.no_source
-        else:
-            present = source_modalities >= 0
-            modality = source_modalities.clamp(min=0)
-            embedded = self.source(modality[:, :, None, None, None] * self.vocab_size + sources)
-            if self.target_code is not None:
-                weights = self.source_code[modality]  # [B, S, n + 1, C]: each slot's own modality map
-                embedded = embedded + torch.einsum("bsxyzn,bsnc->bsxyzc", self.code_features[sources], weights)
-            embedded = embedded * present[:, :, None, None, None, None].to(embedded.dtype)
-            count = present.sum(dim=1).to(x.dtype)[:, None, None, None, None]
-            mean = embedded.sum(dim=1) / count.clamp(min=1)
-            x = x + torch.where(count > 0, mean, self.no_source)
         return self.block(x.permute(0, 4, 1, 2, 3))
 
 
@@ -349,10 +379,9 @@ class TokenHead(nn.Module):
         features = skip + tokens.transpose(1, 2).reshape(skip.shape)
         features = features * (1 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
         features = self.out_norm(self.blocks(features).flatten(2).transpose(1, 2))
-        logits = self.linear(features)
-        if self.level_linear is not None:
-            logits = logits + self.level_linear(features) @ self.level_of_token
-        return logits
+        if self.level_linear is None:
+            return self.linear(features)
+        return F.linear(features, *with_level_term(self.linear, self.level_linear, self.level_of_token, 1))
 
 
 def init_weights(module: nn.Module) -> None:
@@ -501,27 +530,52 @@ class TransformerDecoder(nn.Module):
         Returns:
             ``[B, h*w*d, vocab_size]`` logits in the order of ``tokens.flatten(1)``.
         """
-        if tuple(tokens.shape[1:]) != self.latent_shape:
-            raise ValueError(f"tokens grid {tuple(tokens.shape[1:])} differs from latent_shape {self.latent_shape}")
-        x = self.token_embed(tokens) + self._embed_sources(tokens, sources, source_modalities, drop_condition)
-        skip = None
-        if self.token_stem is not None and self.token_merge is not None:
+        self._check_grid(tokens)
+        conditioning = self.condition(target_modality, sources, source_modalities, class_label, drop_condition)
+        return self.logits(tokens, conditioning)
+
+    def condition(
+        self,
+        target_modality: torch.Tensor,
+        sources: torch.Tensor | None = None,
+        source_modalities: torch.Tensor | None = None,
+        class_label: torch.Tensor | None = None,
+        drop_condition: torch.Tensor | None = None,
+    ) -> Conditioning:
+        """What the conditions add to a call (arguments as in ``forward``), computed once: ``MaskGiTSampler``
+        reuses it over its steps, in which only the target tokens change."""
+        source_patches = self._embed_sources(sources, source_modalities, drop_condition)
+        source_tokens = None
+        if self.token_stem is not None:
             kept = source_modalities  # sources dropped for classifier-free guidance count as absent
             if kept is not None and drop_condition is not None:
                 kept = kept.masked_fill(drop_condition[:, None], -1)
-            skip = self.token_stem(tokens, sources, kept)
+            source_tokens = self.token_stem.embed_sources(sources, kept)
+        return Conditioning(
+            self._embed_condition(target_modality, class_label, drop_condition), source_patches, source_tokens
+        )
+
+    def logits(self, tokens: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
+        """``forward`` with the conditions given as ``condition``'s output: ``[B, h*w*d, vocab_size]`` logits."""
+        self._check_grid(tokens)
+        x = self.token_embed(tokens) + conditioning.source_patches
+        skip = None
+        if self.token_stem is not None and self.token_merge is not None and conditioning.source_tokens is not None:
+            skip = self.token_stem(tokens, conditioning.source_tokens)
             x = x + self.token_merge(patchify_features(skip, self.patch_size))
         x = self.drop(self.pos_embed(x))
-        c = self._embed_condition(target_modality, class_label, drop_condition)
         for block in self.blocks:
-            x = block(x, c)
+            x = block(x, conditioning.c)
         if isinstance(self.final_layer, TokenHead) and skip is not None:
-            return self.final_layer(x, c, skip)
-        return unpatchify(self.final_layer(x, c), self.latent_shape, self.patch_size)
+            return self.final_layer(x, conditioning.c, skip)
+        return unpatchify(self.final_layer(x, conditioning.c), self.latent_shape, self.patch_size)
+
+    def _check_grid(self, tokens: torch.Tensor) -> None:
+        if tuple(tokens.shape[1:]) != self.latent_shape:
+            raise ValueError(f"tokens grid {tuple(tokens.shape[1:])} differs from latent_shape {self.latent_shape}")
 
     def _embed_sources(
         self,
-        tokens: torch.Tensor,
         sources: torch.Tensor | None,
         source_modalities: torch.Tensor | None,
         drop_condition: torch.Tensor | None,
@@ -532,9 +586,9 @@ class TransformerDecoder(nn.Module):
         if source_modalities is None or source_modalities.shape != sources.shape[:2]:
             shape = None if source_modalities is None else tuple(source_modalities.shape)
             raise ValueError(f"source_modalities must have shape {tuple(sources.shape[:2])} [B, S], got {shape}")
-        if sources.shape[2:] != tokens.shape[1:]:
+        if tuple(sources.shape[2:]) != self.latent_shape:
             raise ValueError(
-                f"source grid shape {tuple(sources.shape[2:])} differs from target grid shape {tuple(tokens.shape[1:])}"
+                f"source grid shape {tuple(sources.shape[2:])} differs from target grid shape {self.latent_shape}"
             )
         present = source_modalities >= 0
         if drop_condition is not None:

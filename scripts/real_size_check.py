@@ -641,7 +641,8 @@ def report(
     parts = [f"## {title}", ""]
     for stage, heading in (("stage1", "Stage 1 (autoencoder_fsq)"), ("stage2", "Stage 2 (maskgit_transformer)")):
         rows = [results[w.name] for w in workflows if w.name.startswith(stage)]
-        parts += [f"### {heading}", "", markdown_table(rows, activations, precision), ""]
+        if rows:
+            parts += [f"### {heading}", "", markdown_table(rows, activations, precision), ""]
     how = (
         "measured with torch.cuda.max_memory_allocated"
         if measured
@@ -656,8 +657,13 @@ def report(
         "workflow's largest process.",
         "",
     ]
-    stage1_case = _first([results["stage1-evaluate"].per_unit_s, results["stage1-train"].validation_per_case_s])
-    stage2_case = _first([results["stage2-evaluate-sample"].per_unit_s, results["stage2-train"].validation_per_case_s])
+
+    def per_case(evaluate: str, train: str) -> float:
+        not_run = Result("", "not run")
+        return _first([results.get(evaluate, not_run).per_unit_s, results.get(train, not_run).validation_per_case_s])
+
+    stage1_case = per_case("stage1-evaluate", "stage1-train")
+    stage2_case = per_case("stage2-evaluate-sample", "stage2-train")
     parts += [
         f"One validation pass over a BraTS 2021-size validation split ({BRATS_2021_VALIDATION} cases x 4 contrasts), "
         "from the per-case times:",
@@ -678,6 +684,7 @@ def main(
     iterations: int = 2,
     timeout_s: float | None = None,
     overwrite: bool = False,
+    workflows: str | Sequence[str] | None = None,
 ) -> None:
     """Run the dry run and print its tables; exit non-zero when a workflow fails.
 
@@ -695,6 +702,8 @@ def main(
         iterations: training iterations of stage 1 and stage 2 (epochs as needed, validation after the last).
         timeout_s: per workflow; a workflow still running is stopped and reported as timed out.
         overwrite: empty ``output_dir`` first.
+        workflows: run only these (names as in the table, e.g. ``stage1-train,stage2-train``; a workflow whose
+            prerequisite is not among them is skipped): the CPU cannot run them all in one sitting.
     """
     from prod9_ext.data import make_phantom_dataset
 
@@ -722,7 +731,13 @@ def main(
         ae_overlay.write_text(json.dumps(TINY_AUTOENCODER, indent=2))
         tr_overlay.write_text(json.dumps(TINY_TRANSFORMER, indent=2))
     nproc = min(2, torch.cuda.device_count()) if use_cuda else 2
-    workflows = build_workflows(out, data, device, amp, nproc, ae_overlay, tr_overlay, iterations)
+    planned = build_workflows(out, data, device, amp, nproc, ae_overlay, tr_overlay, iterations)
+    if workflows is not None:
+        chosen = workflows.split(",") if isinstance(workflows, str) else list(workflows)
+        unknown = sorted(set(chosen) - {w.name for w in planned})
+        if unknown:
+            sys.exit(f"real_size_check: unknown workflows {unknown}; choose among {[w.name for w in planned]}")
+        planned = [w for w in planned if w.name in chosen]
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -733,10 +748,10 @@ def main(
         env["PYTHONPATH"] = os.pathsep.join([str(hook), env["PYTHONPATH"]])
         env["PROD9_CUDA_PEAK_DIR"] = str(out / "cuda_peaks")
     results: dict[str, Result] = {}
-    for workflow in workflows:
-        failed = [n for n in workflow.needs if not results[n].ok]
+    for workflow in planned:
+        failed = [n for n in workflow.needs if n not in results or not results[n].ok]
         if failed:
-            results[workflow.name] = Result(workflow.name, f"skipped ({', '.join(failed)} failed)")
+            results[workflow.name] = Result(workflow.name, f"skipped ({', '.join(failed)} not passed)")
             continue
         results[workflow.name] = run_workflow(workflow, logs, env, timeout_s)
 
@@ -751,10 +766,10 @@ def main(
         except Exception as err:  # a row without the figure, the error printed
             print(f"[real_size_check] activation memory of {stage}: {type(err).__name__}: {err}", flush=True)
             by_stage[stage] = None
-    activations = {w.name: by_stage[w.activation] for w in workflows if w.activation}
+    activations = {w.name: by_stage[w.activation] for w in planned if w.activation}
     precision = "bf16" if estimate_amp else "fp32"
     title = f"Dry run at the bundles' {'TINY test' if tiny else 'default'} sizes on {_machine(use_cuda)}"
-    text = report(results, workflows, activations, title, precision, measured=use_cuda)
+    text = report(results, planned, activations, title, precision, measured=use_cuda)
     (out / "real_size_check.md").write_text(text + "\n")
     print(f"\n{text}\n\nLogs: {logs}; total {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     failed = [r.name for r in results.values() if not r.ok]

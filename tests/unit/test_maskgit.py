@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from prod9_ext.maskgit import IGNORE_INDEX, MASK_SCHEDULES, MaskGiTSampler, MaskGiTScheduler, mask_schedule
+from prod9_ext.transformer import TransformerDecoder
 
 V = 10
 GRID = (4, 4, 3)
@@ -248,3 +249,46 @@ def test_guided_predict_uses_the_full_guidance_scale(ramp: str | None) -> None:
     assert len(model.calls) == 1 and model.calls[0]["drop"].tolist() == [False, True]
     guided = model.uncond_logits + 3.0 * (model.cond_logits - model.uncond_logits)
     assert torch.allclose(probs[0], torch.softmax(guided, dim=-1), atol=1e-6)
+
+
+def test_full_mask_probability_masks_every_token_of_that_share_of_samples() -> None:
+    scheduler = MaskGiTScheduler(V, full_mask_prob=0.4)
+    tokens = torch.randint(0, V, (4000, 4, 4, 4))
+    masked, targets = scheduler.mask(tokens, generator=torch.Generator().manual_seed(0))
+    full = (masked == V).flatten(1).all(dim=1)
+    # The cosine schedule alone masks all 64 tokens for r < 2/pi * acos(63/64) (about 11 % of samples).
+    alone = MaskGiTScheduler(V).mask(tokens, generator=torch.Generator().manual_seed(0))[0]
+    share_alone = (alone == V).flatten(1).all(dim=1).float().mean().item()
+    assert full.float().mean().item() == pytest.approx(0.4 + 0.6 * share_alone, abs=0.03)
+    assert torch.equal(targets[full], tokens[full])
+
+
+def test_sampler_computes_a_models_conditions_once_and_samples_as_the_plain_call() -> None:
+    """A model with ``condition``/``logits`` gets one ``condition`` call per run and the same samples as through
+    its plain ``__call__``; with guidance, on the ``[cond; uncond]`` batch."""
+    torch.manual_seed(0)
+    model = TransformerDecoder(1, 16, 2, 32, V, GRID, 4, token_dim=4).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    counted = {"condition": 0}
+    original = model.condition
+
+    def condition(*args, **kwargs):
+        counted["condition"] += 1
+        return original(*args, **kwargs)
+
+    model.condition = condition  # type: ignore[method-assign]
+    plain = lambda *args, **kwargs: TransformerDecoder.__call__(model, *args, **kwargs)  # noqa: E731
+    plain.vocab_size = V  # type: ignore[attr-defined]
+    sources, modalities = torch.randint(0, V, (2, 1, *GRID)), torch.tensor([[0], [1]])
+    for w in (0.0, 1.5):
+        sampler = MaskGiTSampler(4, guidance_scale=w)
+        runs = [
+            sampler.sample(
+                m, (2, *GRID), torch.tensor([2, 3]), sources, modalities, generator=torch.Generator().manual_seed(5)
+            )
+            for m in (model, plain)
+        ]
+        assert torch.equal(runs[0], runs[1])
+    assert counted["condition"] == 2 + 2 * 4  # one per cached run; one per step for the plain calls (2 runs x 4)

@@ -93,3 +93,14 @@ def test_grid_check(tmp_path: Path) -> None:
     assert rsc.grid_check(tmp_path / "moved.nii.gz", reference) == "affine differs"
     assert rsc.grid_check(tmp_path / "cut.nii.gz", reference).startswith("shape")
     assert rsc.grid_check(tmp_path / "missing.nii.gz", reference) == "no missing.nii.gz"
+
+
+def test_report_of_a_subset_of_the_workflows() -> None:
+    """``--workflows``: the report has the rows that ran, no section for a stage that did not, and no estimate
+    without a per-case time."""
+    workflow = rsc.Workflow("stage1-train", ["python"], Path("."), activation="stage1")
+    result = rsc.Result("stage1-train", "ok", wall_s=10.0, per_unit_s=4.0, unit="step", steps=2)
+    text = rsc.report({"stage1-train": result}, [workflow], {"stage1-train": 2**30}, "t", "fp32", measured=False)
+    assert "| stage1-train | ok | 10.0 | 4.0 / step (2 steps) |" in text
+    assert "Stage 2" not in text
+    assert "- stage 1 (sliding-window reconstruction of the 4 contrasts): –" in text

@@ -26,7 +26,8 @@ STEPS = 4
 
 
 class FixedLogits(TransformerDecoder):
-    """A TransformerDecoder whose every call returns the same ``[N, V]`` logits; counts its calls."""
+    """A TransformerDecoder whose every call returns the same ``[N, V]`` logits; counts its calls (the sampler
+    calls ``logits`` once per step after ``condition`` once per run)."""
 
     def __init__(self, logits: torch.Tensor) -> None:
         super().__init__(
@@ -36,7 +37,7 @@ class FixedLogits(TransformerDecoder):
         self.fixed: torch.Tensor
         self.calls = 0
 
-    def forward(self, tokens: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:  # type: ignore[override]
+    def logits(self, tokens: torch.Tensor, conditioning: object) -> torch.Tensor:  # type: ignore[override]
         self.calls += 1
         return self.fixed.expand(tokens.shape[0], -1, -1)
 

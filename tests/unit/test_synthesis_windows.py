@@ -60,7 +60,8 @@ def _transformer() -> TransformerDecoder:
 
 
 class OneToken(TransformerDecoder):
-    """Predicts token ``token`` with certainty at every position; counts its calls."""
+    """Predicts token ``token`` with certainty at every position; counts its calls (the sampler's per-step
+    ``logits``)."""
 
     def __init__(self, token: int) -> None:
         super().__init__(
@@ -69,7 +70,7 @@ class OneToken(TransformerDecoder):
         self.token = token
         self.calls = 0
 
-    def forward(self, tokens: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:  # type: ignore[override]
+    def logits(self, tokens: torch.Tensor, conditioning: object) -> torch.Tensor:  # type: ignore[override]
         self.calls += 1
         logits = torch.full((tokens.shape[0], tokens[0].numel(), V), -40.0)
         logits[..., self.token] = 40.0

@@ -6,8 +6,16 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from prod9_ext.transformer import AdaLNZeroBlock, SinCosPosEmbed, TransformerDecoder, patchify, unpatchify
+from prod9_ext.transformer import (
+    AdaLNZeroBlock,
+    SinCosPosEmbed,
+    TransformerDecoder,
+    patchify,
+    unpatchify,
+    with_level_term,
+)
 
 V = 12
 
@@ -309,3 +317,36 @@ def test_training_attention_keeps_the_fused_kernels(monkeypatch: pytest.MonkeyPa
     model = TransformerDecoder(2, 32, 4, 64, V, (4, 4, 4), 4, dropout=0.5).train()
     model(_tokens(2), torch.tensor([0, 1]))
     assert len(calls) == 2 and all(call.get("dropout_p", 0.0) == 0.0 and "attn_mask" not in call for call in calls)
+
+
+@pytest.mark.parametrize(("patch_size", "token_dim"), [(1, 0), (2, 0), (2, 8)])
+def test_level_term_folded_into_one_layer_equals_the_sum(patch_size: int, token_dim: int) -> None:
+    """``with_level_term``: one linear layer gives each token's logit plus the scores of its levels."""
+    model = _model((4, 4, 4), patch_size, fsq_levels=[3, 4], token_dim=token_dim)
+    head = model.final_layer
+    assert head.level_linear is not None
+    x = torch.randn(2, 5, head.linear.in_features)
+    slots = head.linear.out_features // V
+    expected = head.linear(x) + (head.level_linear(x).unflatten(-1, (slots, -1)) @ head.level_of_token).flatten(-2)
+    assert torch.allclose(
+        F.linear(x, *with_level_term(head.linear, head.level_linear, head.level_of_token, slots)), expected, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("token_dim", [0, 8])
+def test_condition_then_logits_equals_forward(token_dim: int) -> None:
+    """The conditions' part computed once (``condition``) and reused gives the logits of a full call."""
+    model = _model(num_classes=3, fsq_levels=[3, 4], token_dim=token_dim)
+    sources, modalities = (
+        _tokens(3, masked=False)[:, None].repeat(1, 2, 1, 1, 1),
+        torch.tensor([[0, 1], [-1, 2], [0, -1]]),
+    )
+    label, drop = torch.tensor([0, 2, 1]), torch.tensor([False, False, True])
+    conditioning = model.condition(torch.tensor([3, 1, 2]), sources, modalities, label, drop)
+    for _ in range(2):  # reused: the same conditioning for other target tokens
+        tokens = _tokens(3)
+        full = model(tokens, torch.tensor([3, 1, 2]), sources, modalities, label, drop)
+        assert torch.allclose(model.logits(tokens, conditioning), full, atol=1e-6)
+    unconditioned = model.condition(torch.tensor([1]))
+    tokens = _tokens(1)
+    assert torch.allclose(model.logits(tokens, unconditioned), model(tokens, torch.tensor([1])), atol=1e-6)
