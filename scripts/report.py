@@ -98,7 +98,7 @@ def _peer_comparison(out: Path, task: str, case: str, peer_folder: Path) -> Path
     peer_file = peer_folder / task / f"{case}.nii.gz"
     if not all(f.is_file() for f in [*files, peer_file]):
         return None
-    from prod9_ext.engines.snapshots import save_mid_slices
+    from prod9_ext.engines import save_mid_slices
 
     source, pred, label = (np.load(f) for f in files)
     peer = np.asarray(nib.load(peer_file).dataobj, dtype=np.float32)

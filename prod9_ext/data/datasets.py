@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from monai.transforms import Compose
 
-from prod9_ext.data.brats import MODALITIES, load_brats_datalist
+from prod9_ext.data.brats import MODALITIES, check_modalities, load_brats_datalist
 from prod9_ext.data.medmnist3d import load_medmnist3d
 from prod9_ext.data.transforms import brats_transforms, medmnist_transforms
 from prod9_ext.data.validation import check_datalist
@@ -30,10 +30,7 @@ def image_keys(dataset: str, modalities: Sequence[str] = MODALITIES) -> list[str
     _check(dataset)
     if dataset == "medmnist3d":
         return ["image"]
-    unknown = [m for m in modalities if m not in MODALITIES]
-    if unknown or isinstance(modalities, str) or not modalities:
-        raise ValueError(f"modalities must be a non-empty list drawn from {list(MODALITIES)}, got {modalities!r}.")
-    return list(modalities)
+    return check_modalities(modalities)
 
 
 def load_datalist(

@@ -1,18 +1,23 @@
-"""Start-up checks of a bundle run's values and folders: each failure is one line naming the key and its value.
+"""Start-up checks of a bundle run: each failure is one line naming the key and its value; and a run's precision.
 
-A bundle calls them from its ``initialize`` list, before any network, dataset or output file is made, e.g.::
+A bundle calls them from its ``startup`` list, before any network, dataset or output file is made, e.g.::
 
-    "$prod9_ext.engines.config_checks.check_ints(max_epochs=@max_epochs, batch_size=@batch_size)",
-    "$prod9_ext.engines.config_checks.check_roi_size(@roi_size, 2 ** (len(@network_def#num_channels) - 1))",
-    "$prod9_ext.engines.config_checks.check_output_dir('output_dir', @output_dir, ['*.csv'], @overwrite)",
-    "$prod9_ext.engines.config_checks.check_device(@device)"
+    "$prod9_ext.engines.startup.check_ints(max_epochs=@max_epochs, batch_size=@batch_size)",
+    "$prod9_ext.engines.startup.check_roi_size(@roi_size, 2 ** (len(@network_def#num_channels) - 1))",
+    "$prod9_ext.engines.startup.check_output_dir('output_dir', @output_dir, ['*.csv'], @overwrite)",
+    "$prod9_ext.engines.startup.check_device(@device)"
 
-Unknown config keys are :mod:`prod9_ext.engines.config_keys`' job.
+:func:`check_stage2_setup` checks that stage 2 fits its stage-1 tokenizer. Also here, because a run's precision is
+part of its set-up: :func:`amp_enabled`, :func:`bf16_is_fast` and :class:`Bf16Trainer` (``amp`` in the bundles means
+bf16 autocast). Neighbours: unknown config keys are :mod:`prod9_ext.engines.config_keys`' job, the one-line summary
+of a failure :mod:`~prod9_ext.engines.error_summary`'s.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
+import logging
 import math
 import os
 import shutil
@@ -21,9 +26,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.workflow import Workflow
 from monai.utils import str2bool
 
-__all__ = ["check_choice", "check_device", "check_ints", "check_numbers", "check_output_dir", "check_roi_size"]
+from prod9_ext.data.brats import check_modalities
+from prod9_ext.engines.stage2_training import Stage1Tokenizer
+
+__all__ = [
+    "Bf16Trainer",
+    "amp_enabled",
+    "bf16_is_fast",
+    "bf16_is_supported",
+    "check_choice",
+    "check_device",
+    "check_ints",
+    "check_numbers",
+    "check_output_dir",
+    "check_roi_size",
+    "check_stage2_setup",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def check_ints(minimum: int = 1, **values: Any) -> None:
@@ -161,3 +185,107 @@ def check_output_dir(
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+
+def check_stage2_setup(
+    tokenizer: Stage1Tokenizer,
+    vocab_size: int,
+    latent_shape: Sequence[int],
+    roi_size: Sequence[int],
+    modalities: Sequence[str],
+    dataset: str = "brats",
+) -> None:
+    """Start-up checks that stage 2 fits its tokenizer; each failure is one line naming the key at fault.
+
+    Raises:
+        ValueError: ``vocab_size`` is not the tokenizer's codebook size, ``roi_size`` is not a multiple of the
+            downsampling factor or its token grid is not ``latent_shape``, or ``modalities`` names an unknown one.
+    """
+    if vocab_size != tokenizer.codebook_size:
+        raise ValueError(
+            f"network_def#vocab_size {vocab_size} differs from the stage-1 codebook size {tokenizer.codebook_size} "
+            f"({tokenizer.weights})"
+        )
+    factor = tokenizer.downsampling_factor
+    if any(int(n) % factor for n in roi_size):
+        raise ValueError(f"roi_size {list(roi_size)} must be a multiple of the stage-1 downsampling factor {factor}")
+    grid = [int(n) // factor for n in roi_size]
+    if grid != [int(n) for n in latent_shape]:
+        raise ValueError(
+            f"roi_size {list(roi_size)} / {factor} = token grid {grid} differs from network_def#latent_shape "
+            f"{list(latent_shape)}"
+        )
+    if dataset == "brats":
+        check_modalities(modalities)
+
+
+def bf16_is_fast(device: str | torch.device) -> bool:
+    """True where bf16 matmuls and convolutions run in hardware: a CUDA GPU with bf16, or a CPU with AMX or AVX512-BF16.
+
+    On such CPUs (Intel Sapphire Rapids and later, AMD Zen 4 and later) oneDNN runs bf16 convolutions and matmuls about
+    twice as fast as float32; elsewhere bf16 is emulated and slower, so autocast should stay off.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's own feature probes
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def bf16_is_supported(device: str | torch.device) -> bool:
+    """True where bf16 autocast runs at all: every CPU (emulated where not fast), a CUDA GPU with native bf16
+    (Ampere and later; older GPUs only emulate it), Apple's MPS where it has bf16 (macOS 14 and later)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "mps":
+        try:
+            torch.ones(1, device=device, dtype=torch.bfloat16)
+        except (RuntimeError, TypeError):
+            return False
+        return True
+    return False
+
+
+def amp_enabled(amp: bool | str, device: str | torch.device) -> bool:
+    """The ``amp`` a run uses: the config's value, or ``False`` with one logged line where ``device`` has no bf16.
+
+    Args:
+        amp: the config key (a bool, or a string such as ``"true"`` from the command line).
+        device: where the run computes.
+    """
+    if not str2bool(amp):
+        return False
+    if bf16_is_supported(device):
+        return True
+    _warn_no_bf16(str(torch.device(device)))
+    return False
+
+
+@functools.cache
+def _warn_no_bf16(device: str) -> None:
+    """Log the fall-back once per device and process, however many engines ask."""
+    logger.warning(f"amp: {device} has no bf16 support; running in float32.")
+
+
+class Bf16Trainer(SupervisedTrainer):
+    """MONAI's ``SupervisedTrainer`` that creates a ``GradScaler`` only for float16 autocast.
+
+    MONAI creates ``torch.cuda.amp.GradScaler()`` whenever ``amp`` is on, but bf16 has float32's exponent range and
+    needs no loss scaling; off CUDA the scaler only warns ("GradScaler is enabled, but CUDA is not available") and
+    does nothing. Here ``engine.scaler`` is ``None`` unless ``amp_kwargs["dtype"]`` is ``torch.float16`` (MONAI's
+    default when no dtype is given). Arguments are those of :class:`monai.engines.SupervisedTrainer`.
+    """
+
+    def run(self) -> None:  # type: ignore[override]
+        """Train as ``SupervisedTrainer.run`` does, with a scaler only for float16."""
+        dtype: Any = self.amp_kwargs.get("dtype", torch.float16)
+        if self.amp and dtype == torch.float16:
+            super().run()
+            return
+        self.scaler = None
+        Workflow.run(self)
