@@ -1,4 +1,7 @@
-"""One entry point per data set, so a bundle switches between BraTS and MedMNIST 3D with a single ``dataset`` key."""
+"""One entry point per data set, so a bundle switches between BraTS and MedMNIST 3D with its ``dataset`` key.
+
+The bundles set that key, and the MedMNIST 3D task (target ``image``, no sources), in ``configs/medmnist3d.json``.
+"""
 
 from __future__ import annotations
 

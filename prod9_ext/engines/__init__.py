@@ -11,8 +11,8 @@
   without sources.
 - :mod:`~prod9_ext.engines.checkpoints`: checkpoints that survive a kill and resume; :mod:`~prod9_ext.engines.handlers`:
   the other handlers and the files they write (metrics, snapshots, run record).
-- :mod:`~prod9_ext.engines.startup`: start-up checks of values, folders, the device and stage 2 against stage 1,
-  and a run's precision; :mod:`~prod9_ext.engines.config_keys`: unknown config keys;
+- :mod:`~prod9_ext.engines.startup`: the one start-up call of each bundle (values, keys, folders, device, seed,
+  stage 2 against stage 1) and a run's precision; :mod:`~prod9_ext.engines.config_keys`: unknown config keys;
   :mod:`~prod9_ext.engines.error_summary`: a failed run ends in one line.
 
 Configs and scripts name everything through this package (``prod9_ext.engines.<Name>``), never a submodule.
@@ -61,6 +61,8 @@ from prod9_ext.engines.startup import (
     amp_enabled,
     bf16_is_fast,
     check_stage2_setup,
+    start_stage1,
+    start_stage2,
 )
 from prod9_ext.engines.synthesis import (
     RegionSSIMMetric,
@@ -110,6 +112,8 @@ __all__ = [
     "num_classes",
     "pretokenize",
     "save_mid_slices",
+    "start_stage1",
+    "start_stage2",
     "synthesis_datalist",
     "synthesis_iteration",
     "with_region",

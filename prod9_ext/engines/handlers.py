@@ -7,8 +7,9 @@
   (NIfTI files, the ``writer`` of MONAI's ``SaveImage``).
 - :class:`RunRecord`: what a run was (resolved config, versions, git commit), written when its engine starts.
 
-Every file is written under a temporary name and renamed (:mod:`prod9_ext.atomic`). Neighbours: checkpoints are
-:mod:`prod9_ext.engines.checkpoints`; the metrics of stage 1 and stage 2 are in
+Every file is written under a temporary name and renamed (:mod:`prod9_ext.atomic`). In a multi-GPU run, the bundles
+turn the handlers that log or write off on every process but the first (``"_disabled_": "$@rank > 0"``).
+Neighbours: checkpoints are :mod:`prod9_ext.engines.checkpoints`; the metrics of stage 1 and stage 2 are in
 :mod:`~prod9_ext.engines.stage1_inference` and :mod:`~prod9_ext.engines.synthesis`.
 """
 

@@ -1,16 +1,19 @@
-"""Start-up checks of a bundle run: each failure is one line naming the key and its value; and a run's precision.
+"""Start-up of a bundle run: one call per bundle checks every value, key, folder and device before anything is built.
 
-A bundle calls them from its ``startup`` list, before any network, dataset or output file is made, e.g.::
+Each bundle's configs name one start-up call, e.g. ``"startup": "$prod9_ext.engines.start_stage2('train')"`` and
+``"initialize": ["$@startup"]``. :func:`start_stage1` (``autoencoder_fsq``) and :func:`start_stage2`
+(``maskgit_transformer``) read the run's config (:func:`~prod9_ext.engines.config_keys.running_config`) and, in order:
 
-    "$prod9_ext.engines.startup.check_ints(max_epochs=@max_epochs, batch_size=@batch_size)",
-    "$prod9_ext.engines.startup.check_roi_size(@roi_size, 2 ** (len(@network_def#num_channels) - 1))",
-    "$prod9_ext.engines.startup.check_output_dir('output_dir', @output_dir, ['*.csv'], @overwrite)",
-    "$prod9_ext.engines.startup.check_device(@device)"
+1. make a failure end in one line (:func:`prod9_ext.engines.error_summary.install`);
+2. refuse config keys the run would ignore (:func:`prod9_ext.engines.config_keys.check_config_keys`);
+3. check the device, the numbers and the ROI (:func:`check_device`, :func:`check_ints`, :func:`check_numbers`,
+   :func:`check_roi_size`), and that no earlier results are in the way (:func:`check_output_dir`);
+4. seed the run (``seed``, plus the process ``rank`` in a multi-GPU run);
+5. stage 2 only: check that it fits its stage-1 tokenizer (:func:`check_stage2_setup`).
 
-:func:`check_stage2_setup` checks that stage 2 fits its stage-1 tokenizer. Also here, because a run's precision is
-part of its set-up: :func:`amp_enabled`, :func:`bf16_is_fast` and :class:`Bf16Trainer` (``amp`` in the bundles means
-bf16 autocast). Neighbours: unknown config keys are :mod:`prod9_ext.engines.config_keys`' job, the one-line summary
-of a failure :mod:`~prod9_ext.engines.error_summary`'s.
+What each workflow checks is listed in :data:`STAGE1_RUNS` and :data:`STAGE2_RUNS`. Each failure is one line naming the
+key and its value. Also here, because a run's precision is part of its set-up: :func:`amp_enabled`,
+:func:`bf16_is_fast` and :class:`Bf16Trainer`.
 """
 
 from __future__ import annotations
@@ -21,20 +24,27 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from monai.bundle import ConfigParser
 from monai.engines import SupervisedTrainer
 from monai.engines.workflow import Workflow
-from monai.utils import str2bool
+from monai.utils import set_determinism, str2bool
 
-from prod9_ext.data.brats import check_modalities
+from prod9_ext.data.brats import MODALITIES, SINGLE_IMAGE, check_modalities
+from prod9_ext.engines import error_summary
+from prod9_ext.engines.config_keys import check_config_keys, running_config
 from prod9_ext.engines.stage2_training import Stage1Tokenizer
 
 __all__ = [
+    "STAGE1_RUNS",
+    "STAGE2_RUNS",
     "Bf16Trainer",
+    "RunChecks",
     "amp_enabled",
     "bf16_is_fast",
     "bf16_is_supported",
@@ -45,9 +55,159 @@ __all__ = [
     "check_output_dir",
     "check_roi_size",
     "check_stage2_setup",
+    "start_stage1",
+    "start_stage2",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunChecks:
+    """What the start-up of one workflow checks, by config id.
+
+    Attributes:
+        positive: integers ``>= 1``.
+        counts: integers ``>= 0`` (``early_stop_patience`` may also be ``null``: off).
+        numbers: finite numbers ``>= 0``.
+        folders: output folder key -> the names (``fnmatch`` patterns) of the result files a run there writes.
+        resumable: a training run, whose ``resume`` lets it continue the results in its folders.
+        fits_stage1: stage 2: check the network and the modalities against the stage-1 tokenizer.
+    """
+
+    positive: tuple[str, ...] = ()
+    counts: tuple[str, ...] = ()
+    numbers: tuple[str, ...] = ()
+    folders: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    resumable: bool = False
+    fits_stage1: bool = False
+
+    def keys(self) -> set[str]:
+        """The config ids these checks read (besides those every start-up reads)."""
+        keys = {*self.positive, *self.counts, *self.numbers, *self.folders}
+        return keys | ({"resume"} if self.resumable else set())
+
+
+_CHECKPOINTS = ("model.pt", "checkpoint_epoch=*.pt")
+_METRICS = ("metrics.json", "metrics.csv", "*_raw.csv", "*_summary.csv")
+
+STAGE1_RUNS: dict[str, RunChecks] = {
+    "train": RunChecks(
+        positive=("max_epochs", "val_interval", "batch_size", "sw_batch_size"),
+        counts=("seed", "num_workers", "warmup_iterations", "adv_warmup_iterations", "early_stop_patience"),
+        numbers=("learning_rate", "d_learning_rate", "ssim_weight", "adv_weight", "perceptual_weight", "cache_rate"),
+        folders={"ckpt_dir": _CHECKPOINTS, "output_dir": ("events.out.tfevents.*", "reconstruction_epoch*.png")},
+        resumable=True,
+    ),
+    "evaluate": RunChecks(counts=("seed", "num_workers"), folders={"output_dir": _METRICS}),
+    "inference": RunChecks(counts=("seed", "num_workers"), folders={"output_dir": ("*_recon.nii.gz", "*_tokens.npz")}),
+}
+"""The checks of each ``autoencoder_fsq`` workflow (every one also checks ``roi_size`` against the network)."""
+
+STAGE2_RUNS: dict[str, RunChecks] = {
+    "train": RunChecks(
+        positive=("max_epochs", "val_interval", "batch_size", "sampler#steps"),
+        counts=("seed", "num_workers", "warmup_iterations", "early_stop_patience"),
+        numbers=("learning_rate", "weight_decay", "max_grad_norm", "cache_rate"),
+        folders={"ckpt_dir": _CHECKPOINTS, "output_dir": ("events.out.tfevents.*", "synthesis_epoch*.png")},
+        resumable=True,
+        fits_stage1=True,
+    ),
+    "evaluate": RunChecks(positive=("sampler#steps",), folders={"output_dir": _METRICS}, fits_stage1=True),
+    "inference": RunChecks(positive=("sampler#steps",), counts=("seed", "num_workers"), fits_stage1=True),
+    "generate": RunChecks(positive=("sampler#steps",), counts=("seed", "num_workers")),
+}
+"""The checks of each ``maskgit_transformer`` workflow (inference and generate also check ``target_modality``)."""
+
+# How an error names a config id, where that differs from the id.
+_LABELS = {"sampler#steps": "sampler_steps"}
+# Counts whose null means "off".
+_NULL_MEANS_OFF = {"early_stop_patience"}
+
+
+def start_stage1(workflow: str = "train") -> None:
+    """The start-up of an ``autoencoder_fsq`` run (see the module docstring); ``workflow`` is a key of
+    :data:`STAGE1_RUNS`."""
+    parser = running_config()
+    checks = _workflow_checks(STAGE1_RUNS, workflow)
+    value = _Reader(parser)
+    _begin(parser, value, checks, {"roi_size", "network_def"})
+    check_roi_size(value("roi_size"), 2 ** (len(value("network_def#num_channels")) - 1))
+    _end(value, checks)
+
+
+def start_stage2(workflow: str = "train") -> None:
+    """The start-up of a ``maskgit_transformer`` run (see the module docstring); ``workflow`` is a key of
+    :data:`STAGE2_RUNS`.
+
+    Raises:
+        ValueError: also when ``dataset`` is not ``brats`` but the task is still BraTS's: the MedMNIST 3D task is
+            the ``configs/medmnist3d.json`` overlay.
+    """
+    parser = running_config()
+    checks = _workflow_checks(STAGE2_RUNS, workflow)
+    value = _Reader(parser)
+    validating = workflow in ("train", "evaluate")  # their task is the validation's: val_target_modality, ...
+    target_key = "val_target_modality" if validating else "target_modality"
+    used = {"dataset", target_key, "modalities" if validating else "source_modalities"}
+    _begin(parser, value, checks, used | ({"tokenizer", "network_def", "roi_size"} if checks.fits_stage1 else set()))
+    if not validating:
+        check_choice("target_modality", value("target_modality"), [*MODALITIES, SINGLE_IMAGE])
+    dataset = value("dataset")
+    if dataset != "brats" and value(target_key) != SINGLE_IMAGE:
+        raise ValueError(
+            f"dataset {dataset!r} with {target_key} {value(target_key)!r}: add configs/medmnist3d.json to "
+            "--config_file for MedMNIST 3D (--dataset alone no longer sets the task)."
+        )
+    _end(value, checks)
+    if checks.fits_stage1:
+        modalities = value("modalities") if validating else [value("target_modality"), *value("source_modalities")]
+        check_stage2_setup(
+            value("tokenizer"),
+            value("network_def#vocab_size"),
+            value("network_def#latent_shape"),
+            value("roi_size"),
+            modalities,
+            dataset,
+        )
+
+
+class _Reader:
+    """``reader(id)``: the parsed value of a config id; ``reader(id, default)`` where the config may lack it."""
+
+    def __init__(self, parser: ConfigParser) -> None:
+        self.parser = parser
+
+    def __call__(self, id: str, *default: Any) -> Any:
+        if default and id not in self.parser:
+            return default[0]
+        return self.parser.get_parsed_content(id)
+
+
+def _workflow_checks(runs: Mapping[str, RunChecks], workflow: str) -> RunChecks:
+    if workflow not in runs:
+        raise ValueError(f"workflow must be one of {list(runs)}, got {workflow!r}.")
+    return runs[workflow]
+
+
+def _begin(parser: ConfigParser, value: _Reader, checks: RunChecks, used: set[str]) -> None:
+    """Steps 1 to 3 of the start-up, up to the output folders."""
+    error_summary.install(value("output_dir"))
+    top_level = {key.split("#")[0] for key in (*checks.keys(), *used)}
+    check_config_keys(parser, used=top_level | {"output_dir", "device", "overwrite", "rank"})
+    check_device(value("device"))
+    check_ints(**{_LABELS.get(key, key): value(key) for key in checks.positive})
+    counts = {key: value(key) for key in checks.counts}
+    check_ints(minimum=0, **{key: 0 if key in _NULL_MEANS_OFF and v is None else v for key, v in counts.items()})
+    check_numbers(**{_LABELS.get(key, key): value(key) for key in checks.numbers})
+
+
+def _end(value: _Reader, checks: RunChecks) -> None:
+    """The output folders, then the seed (after any process group is set up: ``rank`` is read here)."""
+    resume = value("resume") if checks.resumable else False
+    for key, patterns in checks.folders.items():
+        check_output_dir(key, value(key), list(patterns), value("overwrite"), resume=resume)
+    set_determinism(seed=value("seed") + value("rank", 0))
 
 
 def check_ints(minimum: int = 1, **values: Any) -> None:
