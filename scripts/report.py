@@ -10,6 +10,8 @@ from pathlib import Path
 
 from linear_reference import BlockCode, held_out_volumes, score_block_codes
 
+from prod9_ext.atomic import atomic_write_text
+
 STEP_TITLES = {
     "phantoms": "build the phantom data set",
     "stage1_train": "stage 1: train the FSQ autoencoder",
@@ -226,7 +228,5 @@ def write_report(
     lines += [f"| **total** | **{total / 60:.1f}** |", "", "Rerun any step from the repository root:", "", "```bash"]
     lines += [*commands, "```", "", "## Cases", "", *pictures]
     report = out / "report.md"
-    temporary = report.with_suffix(".md.tmp")
-    temporary.write_text("\n".join(lines) + "\n")
-    temporary.replace(report)
+    atomic_write_text(report, "\n".join(lines) + "\n")
     return report
