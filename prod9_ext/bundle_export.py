@@ -32,7 +32,8 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
-from prod9_ext.engines.checkpoints import load_network_weights
+from prod9_ext.atomic import atomic_output
+from prod9_ext.engines import load_network_weights
 
 __all__ = ["export_bundle"]
 
@@ -156,13 +157,10 @@ def _check_weights(root: Path, weights: Path) -> None:
 
 def _zip(root: Path, zip_path: Path) -> None:
     """Zip ``root`` as ``<root.name>/...``, written under a temporary name and renamed."""
-    zip_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = zip_path.with_name(f".{zip_path.name}.partial")
-    with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    with atomic_output(zip_path) as partial, zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(root.rglob("*")):
             if path.is_file():
                 archive.write(path, arcname=path.relative_to(root.parent).as_posix())
-    os.replace(partial, zip_path)
 
 
 def export_bundle(

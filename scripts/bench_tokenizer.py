@@ -36,7 +36,7 @@ from torch import nn
 
 from prod9_ext import AutoencoderFSQ
 from prod9_ext.data import MODALITIES, load_datalist, make_phantom_dataset, preprocessing
-from prod9_ext.engines.autoencoder_evaluation import CodebookUsage
+from prod9_ext.engines import CodebookUsage
 
 FSQ_LEVELS = (8, 5, 5, 5)
 FSQ_NETWORK = dict(num_channels=(16, 32, 64), num_res_blocks=(1, 1, 1), norm_num_groups=8)

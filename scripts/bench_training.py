@@ -29,8 +29,7 @@ from monai.engines import SupervisedTrainer
 from monai.networks.nets import PatchDiscriminator
 
 from prod9_ext import AutoencoderFSQ, MaskGiTScheduler, TransformerDecoder
-from prod9_ext.engines.autoencoder_training import AutoencoderGanIteration, StackModalities
-from prod9_ext.engines.maskgit_training import MaskGiTIteration
+from prod9_ext.engines import AutoencoderGanIteration, MaskGiTIteration, StackModalities
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 STAGE1_KEYS = (

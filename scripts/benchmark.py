@@ -34,6 +34,8 @@ import bench_training
 import fire
 import torch
 
+from prod9_ext.atomic import atomic_write_text
+
 TableFn = Callable[..., tuple[str, dict]]
 
 GROUPS: dict[str, list[tuple[str, TableFn]]] = {
@@ -93,10 +95,7 @@ def machine(device: str) -> str:
 
 
 def _write(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(results, indent=2, default=str))
 
 
 def main(

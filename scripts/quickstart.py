@@ -95,9 +95,9 @@ class Runner:
             raise SystemExit(f"[quickstart] {step.name} failed (exit {result.returncode}); fix it and rerun: {shown}")
         seconds = time.perf_counter() - start
         record = {"seconds": seconds, "command": shown}
-        path = self.records / f"{step.name}.json"
-        path.with_suffix(".tmp").write_text(json.dumps(record, indent=2))
-        path.with_suffix(".tmp").replace(path)
+        from prod9_ext.atomic import atomic_write_text
+
+        atomic_write_text(self.records / f"{step.name}.json", json.dumps(record, indent=2))
         print(f"[quickstart] {step.name}: {seconds / 60:.1f} min", flush=True)
 
 

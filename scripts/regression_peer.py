@@ -35,9 +35,8 @@ from monai.networks.nets import BasicUNet
 from monai.utils import convert_to_tensor, set_determinism
 
 import prod9_ext.data
-from prod9_ext.engines import RegionSSIMMetric, bf16_is_fast
-from prod9_ext.engines.atomic_outputs import AtomicNibabelWriter, atomic_write_text
-from prod9_ext.engines.ssim_loss import SeparableSSIMLoss
+from prod9_ext.atomic import atomic_write_text
+from prod9_ext.engines import AtomicNibabelWriter, RegionSSIMMetric, SeparableSSIMLoss, bf16_is_fast
 
 __all__ = ["TASKS", "build_network", "load_scoring_cases", "predict", "score_network", "train_network"]
 

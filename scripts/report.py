@@ -10,6 +10,8 @@ from pathlib import Path
 
 from linear_reference import BlockCode, held_out_volumes, score_block_codes
 
+from prod9_ext.atomic import atomic_write_text
+
 STEP_TITLES = {
     "phantoms": "build the phantom data set",
     "stage1_train": "stage 1: train the FSQ autoencoder",
@@ -98,7 +100,7 @@ def _peer_comparison(out: Path, task: str, case: str, peer_folder: Path) -> Path
     peer_file = peer_folder / task / f"{case}.nii.gz"
     if not all(f.is_file() for f in [*files, peer_file]):
         return None
-    from prod9_ext.engines.snapshots import save_mid_slices
+    from prod9_ext.engines import save_mid_slices
 
     source, pred, label = (np.load(f) for f in files)
     peer = np.asarray(nib.load(peer_file).dataobj, dtype=np.float32)
@@ -226,7 +228,5 @@ def write_report(
     lines += [f"| **total** | **{total / 60:.1f}** |", "", "Rerun any step from the repository root:", "", "```bash"]
     lines += [*commands, "```", "", "## Cases", "", *pictures]
     report = out / "report.md"
-    temporary = report.with_suffix(".md.tmp")
-    temporary.write_text("\n".join(lines) + "\n")
-    temporary.replace(report)
+    atomic_write_text(report, "\n".join(lines) + "\n")
     return report

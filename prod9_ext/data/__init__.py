@@ -1,6 +1,6 @@
 """Data for prod9: BraTS datalists, MedMNIST 3D, the embedded brain phantoms, and the one preprocessing."""
 
-from prod9_ext.data.brats import BRATS_DATA_DIR_ENV, MODALITIES, load_brats_datalist
+from prod9_ext.data.brats import BRATS_DATA_DIR_ENV, MODALITIES, check_modalities, load_brats_datalist, modality_id
 from prod9_ext.data.datasets import DATASETS, image_keys, load_datalist, preprocessing
 from prod9_ext.data.medmnist3d import (
     MEDMNIST3D_FLAGS,
@@ -43,6 +43,7 @@ __all__ = [
     "brats_transforms",
     "check_datalist",
     "check_image_file",
+    "check_modalities",
     "check_volume",
     "generate_phantom_case",
     "image_keys",
@@ -51,6 +52,7 @@ __all__ = [
     "load_medmnist3d",
     "make_phantom_dataset",
     "medmnist_transforms",
+    "modality_id",
     "preprocessing",
     "save_phantom_preview",
 ]

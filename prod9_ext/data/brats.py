@@ -24,12 +24,44 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["BRATS_DATA_DIR_ENV", "MODALITIES", "case_files", "load_brats_datalist"]
+__all__ = ["BRATS_DATA_DIR_ENV", "MODALITIES", "case_files", "check_modalities", "load_brats_datalist", "modality_id"]
 
 logger = logging.getLogger(__name__)
 
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 """Datalist keys of the four contrasts, in the order stage 2 indexes them: T1, T1ce, T2, FLAIR."""
+
+SINGLE_IMAGE = "image"
+"""The key of the one image of a single-modality item (MedMNIST 3D); its stage-2 modality id is 0."""
+
+
+def modality_id(name: str, key: str = "modality") -> int:
+    """The stage-2 modality id of an image key: its place in :data:`MODALITIES` (T1 0, T1ce 1, T2 2, FLAIR 3), or 0
+    for ``"image"``, the one image of a MedMNIST 3D item.
+
+    Raises:
+        ValueError: naming the config ``key`` and ``name`` when it is neither.
+    """
+    if name == SINGLE_IMAGE:
+        return 0
+    if name not in MODALITIES:
+        raise ValueError(f"{key}: {name!r} is not one of {list(MODALITIES)}")
+    return MODALITIES.index(name)
+
+
+def check_modalities(modalities: object, key: str = "modalities") -> list[str]:
+    """``modalities`` as a list: a non-empty list of BraTS datalist keys drawn from :data:`MODALITIES`.
+
+    Raises:
+        ValueError: naming the config ``key`` and the value otherwise.
+    """
+    if isinstance(modalities, str) or not isinstance(modalities, (list, tuple)) or not modalities:
+        raise ValueError(f"{key} must be a non-empty list drawn from {list(MODALITIES)}, got {modalities!r}.")
+    unknown = [m for m in modalities if m not in MODALITIES]
+    if unknown:
+        raise ValueError(f"{key} must be a non-empty list drawn from {list(MODALITIES)}, got {list(modalities)!r}.")
+    return list(modalities)
+
 
 BRATS_DATA_DIR_ENV = "BRATS_DATA_DIR"
 """Environment variable that names the dataset folder when ``dataset_dir`` is not given."""

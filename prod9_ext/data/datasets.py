@@ -1,4 +1,7 @@
-"""One entry point per data set, so a bundle switches between BraTS and MedMNIST 3D with a single ``dataset`` key."""
+"""One entry point per data set, so a bundle switches between BraTS and MedMNIST 3D with its ``dataset`` key.
+
+The bundles set that key, and the MedMNIST 3D task (target ``image``, no sources), in ``configs/medmnist3d.json``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from collections.abc import Sequence
 
 from monai.transforms import Compose
 
-from prod9_ext.data.brats import MODALITIES, load_brats_datalist
+from prod9_ext.data.brats import MODALITIES, check_modalities, load_brats_datalist
 from prod9_ext.data.medmnist3d import load_medmnist3d
 from prod9_ext.data.transforms import brats_transforms, medmnist_transforms
 from prod9_ext.data.validation import check_datalist
@@ -30,10 +33,7 @@ def image_keys(dataset: str, modalities: Sequence[str] = MODALITIES) -> list[str
     _check(dataset)
     if dataset == "medmnist3d":
         return ["image"]
-    unknown = [m for m in modalities if m not in MODALITIES]
-    if unknown or isinstance(modalities, str) or not modalities:
-        raise ValueError(f"modalities must be a non-empty list drawn from {list(MODALITIES)}, got {modalities!r}.")
-    return list(modalities)
+    return check_modalities(modalities)
 
 
 def load_datalist(

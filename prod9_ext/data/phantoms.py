@@ -47,6 +47,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from prod9_ext.atomic import atomic_output, atomic_write_bytes
 from prod9_ext.data.brats import MODALITIES, case_files
 
 __all__ = [
@@ -286,7 +287,7 @@ def make_phantom_dataset(
     )
     datalist.update(_layout_description(spacing, geometry, naming))
     datalist_path = root / _DATALIST_FILE
-    _write_atomic(datalist_path, (json.dumps(datalist, indent=2) + "\n").encode())
+    atomic_write_bytes(datalist_path, (json.dumps(datalist, indent=2) + "\n").encode())
     return datalist_path
 
 
@@ -337,8 +338,8 @@ def save_phantom_preview(case_dir: str | os.PathLike, png_path: str | os.PathLik
         axes[0][column].set_title(key)
     figure.suptitle(case_dir.name)
     png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(png_path, dpi=100)
+    with atomic_output(png_path) as temporary:
+        figure.savefig(temporary, dpi=100)
     return png_path
 
 
@@ -674,7 +675,7 @@ def _write_case(root: Path, name: str, case: PhantomCase, naming: str = "2021") 
     entry = {"case": name}
     for key, volume in volumes.items():
         path = case_dir / f"{name}{_FILE_SUFFIXES[naming][key]}.nii.gz"
-        _write_atomic(path, _nifti_gz_bytes(volume, case.affine))
+        atomic_write_bytes(path, _nifti_gz_bytes(volume, case.affine))
         entry[key] = path.relative_to(root).as_posix()
     return entry
 
@@ -686,16 +687,6 @@ def _nifti_gz_bytes(volume: np.ndarray, affine: np.ndarray) -> bytes:
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")
     return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
-
-
-def _write_atomic(path: Path, content: bytes) -> None:
-    """Write ``content`` to a temporary file next to ``path`` and rename it into place."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(content)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _datalist(

@@ -1,44 +1,96 @@
-"""What MONAI's trainers and evaluators need beyond their defaults: iterations, prepare_batch, metrics, handlers."""
+"""What MONAI's trainers and evaluators need beyond their defaults, grouped by what a reader looks for.
 
-from prod9_ext.engines.autoencoder_evaluation import (
-    AutoencoderSlidingWindowInferer,
-    CodebookUsage,
-    ReconstructionSnapshot,
-    autoencoder_eval_iteration,
-)
-from prod9_ext.engines.autoencoder_training import AutoencoderGanIteration, StackModalities, build_perceptual_loss
+- :mod:`~prod9_ext.engines.stage1_training`: the autoencoder's GAN iteration, its SSIM and perceptual losses, the
+  ``prepare_batch`` that stacks modalities.
+- :mod:`~prod9_ext.engines.stage1_inference`: sliding-window reconstruction for the stage-1 evaluators, codebook
+  metrics, the inference file list and token files.
+- :mod:`~prod9_ext.engines.stage2_training`: the stage-1 tokenizer stage 2 reads, the token cache, the MaskGiT
+  iteration.
+- :mod:`~prod9_ext.engines.synthesis`: the inferer and iteration that synthesise volumes (validation, evaluation,
+  inference), and their metrics; :mod:`~prod9_ext.engines.synthesis_io`: which cases, where the volumes go, sampling
+  without sources.
+- :mod:`~prod9_ext.engines.checkpoints`: checkpoints that survive a kill and resume; :mod:`~prod9_ext.engines.handlers`:
+  the other handlers and the files they write (metrics, snapshots, run record).
+- :mod:`~prod9_ext.engines.startup`: the one start-up call of each bundle (values, keys, folders, device, seed,
+  stage 2 against stage 1) and a run's precision; :mod:`~prod9_ext.engines.config_keys`: unknown config keys;
+  :mod:`~prod9_ext.engines.error_summary`: a failed run ends in one line.
+
+Configs and scripts name everything through this package (``prod9_ext.engines.<Name>``), never a submodule.
+"""
+
 from prod9_ext.engines.checkpoints import (
     AtomicCheckpointSaver,
     BestMetricState,
+    CheckedCheckpointLoader,
     latest_checkpoint,
     load_network_weights,
 )
-from prod9_ext.engines.maskgit_training import MaskGiTIteration, modality_ids, num_classes
-from prod9_ext.engines.metrics_json import MetricsJsonWriter
-from prod9_ext.engines.precision import Bf16Trainer, amp_enabled, bf16_is_fast
-from prod9_ext.engines.snapshots import VolumeSnapshot, save_mid_slices
-from prod9_ext.engines.ssim_loss import SeparableSSIMLoss
-from prod9_ext.engines.stage1_link import Stage1Tokenizer, check_stage2_setup, load_stage1_tokenizer
-from prod9_ext.engines.synthesis import SynthesisInferer, synthesis_iteration
+from prod9_ext.engines.handlers import (
+    AtomicMetricsSaver,
+    AtomicNibabelWriter,
+    LearningRateState,
+    MetricsJsonWriter,
+    ResumableEarlyStop,
+    RunRecord,
+    VolumeSnapshot,
+    save_mid_slices,
+)
+from prod9_ext.engines.stage1_inference import (
+    AutoencoderSlidingWindowInferer,
+    CodebookUsage,
+    SaveTokensd,
+    autoencoder_eval_iteration,
+    inference_datalist,
+)
+from prod9_ext.engines.stage1_training import (
+    AutoencoderGanIteration,
+    SeparableSSIMLoss,
+    StackModalities,
+    build_perceptual_loss,
+)
+from prod9_ext.engines.stage2_training import (
+    MaskGiTIteration,
+    Stage1Tokenizer,
+    load_stage1_tokenizer,
+    modality_ids,
+    num_classes,
+    pretokenize,
+)
+from prod9_ext.engines.startup import (
+    Bf16Trainer,
+    amp_enabled,
+    bf16_is_fast,
+    check_stage2_setup,
+    start_stage1,
+    start_stage2,
+)
+from prod9_ext.engines.synthesis import (
+    RegionSSIMMetric,
+    SynthesisInferer,
+    TokenAccuracyMetric,
+    synthesis_iteration,
+    with_region,
+)
 from prod9_ext.engines.synthesis_io import SaveSynthesisd, case_meta, generate_volumes, synthesis_datalist
-from prod9_ext.engines.synthesis_metrics import RegionSSIMMetric, TokenAccuracyMetric, with_region
-from prod9_ext.engines.token_cache import pretokenize
-from prod9_ext.engines.training_handlers import LearningRateState, ResumableEarlyStop
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "AtomicMetricsSaver",
+    "AtomicNibabelWriter",
     "AutoencoderGanIteration",
     "AutoencoderSlidingWindowInferer",
     "BestMetricState",
     "Bf16Trainer",
+    "CheckedCheckpointLoader",
     "CodebookUsage",
     "LearningRateState",
     "MaskGiTIteration",
     "MetricsJsonWriter",
-    "ReconstructionSnapshot",
     "RegionSSIMMetric",
     "ResumableEarlyStop",
+    "RunRecord",
     "SaveSynthesisd",
+    "SaveTokensd",
     "SeparableSSIMLoss",
     "StackModalities",
     "Stage1Tokenizer",
@@ -52,6 +104,7 @@ __all__ = [
     "case_meta",
     "check_stage2_setup",
     "generate_volumes",
+    "inference_datalist",
     "latest_checkpoint",
     "load_network_weights",
     "load_stage1_tokenizer",
@@ -59,6 +112,8 @@ __all__ = [
     "num_classes",
     "pretokenize",
     "save_mid_slices",
+    "start_stage1",
+    "start_stage2",
     "synthesis_datalist",
     "synthesis_iteration",
     "with_region",

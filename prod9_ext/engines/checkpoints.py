@@ -4,6 +4,10 @@ A resumed run continues where the interrupted one stopped: :class:`BestMetricSta
 metric in the training checkpoint, and :class:`AtomicCheckpointSaver` reads it back, so ``model.pt`` is replaced only by
 a better model; the saver also takes over the checkpoint the run resumed from, so ``n_saved`` counts it (and deletes it
 once a newer one is written). :class:`CheckedCheckpointLoader` loads checkpoints made before an entry was added.
+
+Neighbours: the other handlers a bundle attaches (learning rates, early stopping, metric files, snapshots, the run
+record) are in :mod:`prod9_ext.engines.handlers`; stage 2 loads the stage-1 weights through
+:func:`load_network_weights` in :mod:`~prod9_ext.engines.stage2_training`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
 
-from prod9_ext.engines.autoencoder_training import unwrap_parallel
+from prod9_ext.engines.stage1_training import unwrap_parallel
 
 __all__ = [
     "AtomicCheckpointSaver",

@@ -2,12 +2,9 @@
 
 MONAI's runner adds any ``--key value`` it is given to the config, so a misspelt override (``--max_epoch 3``) is
 silently ignored, and a misspelt argument of a component (``--network_def#num_channel``) fails only when the
-component is built, inside a long traceback. A bundle calls, first in its ``initialize`` list::
-
-    "$prod9_ext.engines.config_keys.check_config_keys()"
-
-which reads the config being run from the ``ConfigParser`` evaluating the expression (:func:`running_config`) and
-the overrides from the command line (:func:`bundle_command_line`).
+component is built, inside a long traceback. The start-up of every bundle run (:mod:`prod9_ext.engines.startup`)
+calls :func:`check_config_keys`, which reads the config being run from the ``ConfigParser`` evaluating the
+expression (:func:`running_config`) and the overrides from the command line (:func:`bundle_command_line`).
 """
 
 from __future__ import annotations
@@ -101,6 +98,7 @@ def check_config_keys(
     parser: ConfigParser | None = None,
     command_line: BundleCommandLine | None = None,
     runner_ids: Sequence[str] = RUNNER_IDS,
+    used: Iterable[str] = (),
 ) -> None:
     """Refuse config keys a run would otherwise ignore, or fail on deep inside MONAI.
 
@@ -114,6 +112,7 @@ def check_config_keys(
         command_line: the command line; default: :func:`bundle_command_line` (none in a ``ConfigWorkflow`` made in
             Python: then only the components are checked).
         runner_ids: top-level ids that need no reference (the runner's ``initialize``, ``run``, ...).
+        used: top-level ids that Python code reads by name (the start-up's checks, :mod:`prod9_ext.engines.startup`).
 
     Raises:
         ValueError: naming the first such key, with the closest valid name when there is one.
@@ -124,7 +123,7 @@ def check_config_keys(
     if not isinstance(config, Mapping):
         return
     if command_line is not None:
-        _check_overrides(config, command_line, runner_ids)
+        _check_overrides(config, command_line, (*runner_ids, *used))
     for component_id, component in _components(config):
         _check_component_keys(parser, component_id, component)
 

@@ -20,6 +20,8 @@ and keeps its traceback on the terminal, before the line; so does every error wh
 The process then ends at once (exit status 1, logs and standard streams flushed): threads still busy in C++ (e.g.
 ``CacheDataset``'s pool, loading the next case) would otherwise abort the interpreter's shutdown with "terminate called
 without an active exception", after the summary.
+
+Each bundle run installs it first thing, in its start-up call (:mod:`prod9_ext.engines.startup`).
 """
 
 from __future__ import annotations

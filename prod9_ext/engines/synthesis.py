@@ -1,4 +1,4 @@
-"""Synthesis for MONAI's ``SupervisedEvaluator``: encode the sources, sample the target's tokens, decode.
+"""Synthesis for MONAI's ``SupervisedEvaluator``: encode the sources, sample the target's tokens, decode; its scores.
 
 One path serves stage-2 validation, ``evaluate.json`` and ``inference.json``: :class:`SynthesisInferer` holds the
 stage-1 tokenizer, the sampler and the task (target and source modalities), and :func:`synthesis_iteration` is the
@@ -11,12 +11,20 @@ filled window by window (windows of ``latent_shape`` over the grid, ``overlap`` 
 cropped back. Sampling fills the windows in turn, each conditioned on the tokens its earlier neighbours fixed in
 their overlap (MaskGiT outpainting), so the grid is one consistent sample; the expected-code decoding blends the
 windows' expected codes with ``blend_mode`` weights. An image no larger than the ROI is one window: the plain model.
+
+Scores MONAI does not have: :class:`RegionSSIMMetric` (SSIM inside a region, the tumour, as BraSyn reports it) and
+:class:`TokenAccuracyMetric`. Both are ``CumulativeIterationMetric`` subclasses, so MONAI's ``IgniteMetricHandler``
+wraps them and ``MetricsSaver`` writes their per-case values like any built-in metric.
+
+Neighbours: which cases to synthesise and where the volumes go is :mod:`prod9_ext.engines.synthesis_io`; the
+tokenizer and the training of the transformer are :mod:`~prod9_ext.engines.stage2_training`; the sampler is
+:class:`prod9_ext.MaskGiTSampler`.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -26,16 +34,27 @@ from monai.data.utils import compute_importance_map
 from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer
+from monai.metrics import CumulativeIterationMetric
+from monai.metrics.regression import compute_ssim_and_cs
+from monai.metrics.utils import do_metric_reduction
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-from prod9_ext.data.brats import MODALITIES
-from prod9_ext.engines.autoencoder_training import unwrap_parallel
-from prod9_ext.engines.stage1_link import Stage1Tokenizer
+from prod9_ext.data.brats import modality_id
+from prod9_ext.engines.stage1_training import unwrap_parallel
+from prod9_ext.engines.stage2_training import Stage1Tokenizer
 from prod9_ext.maskgit import MaskGiTSampler
 from prod9_ext.transformer import TransformerDecoder
 
-__all__ = ["DECODE_MODES", "SynthesisInferer", "synthesis_iteration", "token_windows"]
+__all__ = [
+    "DECODE_MODES",
+    "RegionSSIMMetric",
+    "SynthesisInferer",
+    "TokenAccuracyMetric",
+    "synthesis_iteration",
+    "token_windows",
+    "with_region",
+]
 
 DECODE_MODES = ("sample", "mean")
 BLEND_MODES = ("gaussian", "constant")
@@ -120,11 +139,9 @@ class SynthesisInferer(Inferer):
         if blend_mode not in BLEND_MODES:
             raise ValueError(f"blend_mode must be one of {list(BLEND_MODES)}, got {blend_mode!r}")
         sources = list(source_modalities or [])
-        known = (*MODALITIES, "image")
-        for key, names in (("target_modality", [target_modality]), ("source_modalities", sources)):
-            unknown = [name for name in names if name not in known]
-            if unknown:
-                raise ValueError(f"{key}: {unknown[0]!r} is not one of {list(MODALITIES)}")
+        modality_id(target_modality, "target_modality")
+        for name in sources:
+            modality_id(name, "source_modalities")
         if target_modality in sources:
             raise ValueError(f"target_modality {target_modality!r} is also among source_modalities {sources}")
         self.tokenizer = tokenizer
@@ -136,10 +153,6 @@ class SynthesisInferer(Inferer):
         self.overlap = overlap
         self.blend_mode = blend_mode
         self._item = 0
-
-    @staticmethod
-    def _modality_id(name: str) -> int:
-        return MODALITIES.index(name) if name in MODALITIES else 0
 
     def reset(self) -> None:
         """Start a run: the next item samples with ``seed`` again."""
@@ -169,9 +182,9 @@ class SynthesisInferer(Inferer):
             images = [torch.as_tensor(batch[key]).float().to(device) for key in self.source_modalities]
             tokenize = self.tokenizer.wrapper.encode_to_indices
             sources = torch.stack([tokenize(F.pad(image, padding)) for image in images], dim=1)
-            ids = [self._modality_id(key) for key in self.source_modalities]
+            ids = [modality_id(key) for key in self.source_modalities]
             source_ids = torch.as_tensor(ids, device=device).expand(b, -1)
-        target_ids = torch.full((b,), self._modality_id(self.target_modality), device=device)
+        target_ids = torch.full((b,), modality_id(self.target_modality), device=device)
         quantizer = self.tokenizer.wrapper.autoencoder.quantizer
         codebook = quantizer.indices_to_codes(torch.arange(model.vocab_size, device=device))  # [V, C]
         windows = token_windows(grid, model.latent_shape, self.overlap)
@@ -285,3 +298,74 @@ def synthesis_iteration(
     engine.fire_event(IterationEvents.FORWARD_COMPLETED)
     engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates and post-processes on this event
     return engine.state.output  # decollated on MODEL_COMPLETED; ignite keeps what is returned
+
+
+def with_region(region_key: str = "seg") -> Callable[[list[dict]], tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """``output_transform`` for :class:`RegionSSIMMetric`: ``(pred, [label, region])`` from decollated outputs."""
+
+    def transform(output: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        preds = [item["pred"] for item in output]
+        references = [torch.cat([item["label"], item[region_key].to(item["label"].dtype)]) for item in output]
+        return preds, references
+
+    return transform
+
+
+class _PerItemMean(CumulativeIterationMetric):
+    """One value per item; ``aggregate`` is the mean over items, NaN values left out (MONAI's reduction)."""
+
+    def aggregate(self) -> torch.Tensor:
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError("nothing to aggregate: the metric saw no item")
+        return do_metric_reduction(data, "mean")[0]
+
+
+class RegionSSIMMetric(_PerItemMean):
+    """Mean of the SSIM map over a region: ``y`` carries the reference in channel 0 and the region mask in channel 1.
+
+    The SSIM map is MONAI's (``compute_ssim_and_cs``, Gaussian window ``win_size``, valid positions only), averaged
+    over the voxels whose mask is nonzero. An item with an empty region scores NaN, which MONAI's mean reduction
+    leaves out.
+
+    Args:
+        spatial_dims: 2 or 3.
+        data_range: intensity range of the images.
+        win_size: Gaussian window size.
+        kernel_sigma: Gaussian window sigma.
+    """
+
+    def __init__(self, spatial_dims: int = 3, data_range: float = 1.0, win_size: int = 7, kernel_sigma: float = 1.5):
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.data_range = data_range
+        self.win_size = win_size
+        self.kernel_sigma = kernel_sigma
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y.shape[1] != 2 or y_pred.shape[1] != 1 or y.shape[2:] != y_pred.shape[2:]:
+            raise ValueError(f"need y_pred [B, 1, *spatial] and y [B, 2, *spatial], got {y_pred.shape} and {y.shape}")
+        reference, mask = y[:, :1].float(), y[:, 1:] > 0
+        ssim_map, _ = compute_ssim_and_cs(
+            y_pred.float(),
+            reference,
+            spatial_dims=self.spatial_dims,
+            kernel_size=[self.win_size] * self.spatial_dims,
+            kernel_sigma=[self.kernel_sigma] * self.spatial_dims,
+            data_range=self.data_range,
+        )
+        half = self.win_size // 2
+        inner = (slice(None), slice(None), *[slice(half, n - half) for n in mask.shape[2:]])
+        region = mask[inner].to(ssim_map.dtype)
+        count = region.flatten(1).sum(1, keepdim=True)
+        total = (ssim_map * region).flatten(1).sum(1, keepdim=True)
+        return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+
+
+class TokenAccuracyMetric(_PerItemMean):
+    """Fraction of positions where two token grids ``[B, *grid]`` agree (sampled against the real target's)."""
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if y_pred.shape != y.shape:
+            raise ValueError(f"token grids differ in shape: {tuple(y_pred.shape)} and {tuple(y.shape)}")
+        return (y_pred == y).flatten(1).float().mean(1, keepdim=True)

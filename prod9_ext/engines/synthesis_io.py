@@ -4,6 +4,9 @@
 NIfTI files or dicts of files) and writes ``<output_dir>/<case>_<target>_synth.nii.gz`` with :class:`SaveSynthesisd`,
 on the input's grid (shape, affine): ``patient1_t1.nii.gz`` synthesised as T2 gives ``patient1_t2_synth.nii.gz``.
 ``generate.json`` writes unconditional or class-conditional samples with :func:`generate_volumes`.
+
+Neighbours: the synthesis itself is :mod:`prod9_ext.engines.synthesis`; the stage-1 tokenizer that decodes the
+tokens is :mod:`~prod9_ext.engines.stage2_training`'s.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from prod9_ext.data.brats import MODALITIES, case_files
+from prod9_ext.data.brats import case_files, modality_id
 from prod9_ext.data.validation import check_datalist
-from prod9_ext.engines.atomic_outputs import AtomicNibabelWriter
-from prod9_ext.engines.stage1_link import Stage1Tokenizer
+from prod9_ext.engines.handlers import AtomicNibabelWriter
+from prod9_ext.engines.stage2_training import Stage1Tokenizer
 from prod9_ext.maskgit import MaskGiTSampler
 from prod9_ext.transformer import TransformerDecoder
 
@@ -240,9 +243,7 @@ def generate_volumes(
     latent_shape = network.latent_shape
     spatial = [n * tokenizer.downsampling_factor for n in latent_shape]
     affine = np.diag([*[float(p) for p in (pixdim or (1.0, 1.0, 1.0))], 1.0])
-    if target_modality not in (*MODALITIES, "image"):
-        raise ValueError(f"target_modality {target_modality!r} is not one of {list(MODALITIES)}")
-    target = torch.tensor([MODALITIES.index(target_modality) if target_modality in MODALITIES else 0], device=device)
+    target = torch.tensor([modality_id(target_modality, "target_modality")], device=device)
     label = None if class_label is None else torch.tensor([int(class_label)], device=device)
     for i, path in enumerate(paths):
         generator = torch.Generator(device).manual_seed(seed + i)

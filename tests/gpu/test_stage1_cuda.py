@@ -8,7 +8,7 @@ from monai.engines import SupervisedTrainer
 from monai.networks.nets import PatchDiscriminator
 
 from prod9_ext import AutoencoderFSQ, AutoencoderInferenceWrapper, SlidingWindowConfig
-from prod9_ext.engines.autoencoder_training import AutoencoderGanIteration, StackModalities
+from prod9_ext.engines import AutoencoderGanIteration, StackModalities
 
 pytestmark = pytest.mark.gpu
 

@@ -7,7 +7,7 @@ import torch
 from monai.engines import SupervisedTrainer
 
 from prod9_ext import MaskGiTSampler, MaskGiTScheduler, TransformerDecoder
-from prod9_ext.engines.maskgit_training import MaskGiTIteration
+from prod9_ext.engines import MaskGiTIteration
 
 pytestmark = pytest.mark.gpu
 

@@ -195,7 +195,7 @@ def test_unconditional_generation(stage2_run: Path, stage1_run: Stage1Run, phant
 
 
 def test_class_conditional_medmnist(stage1_run: Stage1Run, tmp_path: Path) -> None:
-    """`--dataset medmnist3d`: class-conditional training and generation with the same bundle."""
+    """configs/medmnist3d.json: class-conditional training and generation with the same bundle."""
     rng = np.random.default_rng(0)
     arrays = {}
     for split, count in {"train": 4, "val": 1, "test": 1}.items():
@@ -205,7 +205,6 @@ def test_class_conditional_medmnist(stage1_run: Stage1Run, tmp_path: Path) -> No
     medmnist = [
         *stage1_run.stage2_args(tmp_path),
         *TINY_TRANSFORMER,
-        "--dataset", "medmnist3d",
         "--medmnist_size", "28",
         "--roi_size", "[28,28,28]",
         "--network_def#patch_size", "1",
@@ -213,7 +212,7 @@ def test_class_conditional_medmnist(stage1_run: Stage1Run, tmp_path: Path) -> No
     ]  # fmt: skip
     run_bundle(
         TRANSFORMER_BUNDLE,
-        ["train.json"],
+        ["train.json", "medmnist3d.json"],
         *medmnist,
         "--output_dir", str(tmp_path / "eval"),
         "--cache_dir", str(tmp_path / "cache"),
@@ -224,7 +223,7 @@ def test_class_conditional_medmnist(stage1_run: Stage1Run, tmp_path: Path) -> No
     assert state["class_embed.weight"].shape[0] == 12  # OrganMNIST3D's 11 classes and the null class
     run_bundle(
         TRANSFORMER_BUNDLE,
-        ["inference.json", "generate.json"],
+        ["inference.json", "generate.json", "medmnist3d.json"],
         *medmnist,
         "--output_dir", str(tmp_path / "generated"),
         "--class_label", "3",
@@ -277,8 +276,9 @@ def test_two_process_gloo_training(stage1_run: Stage1Run, phantom_dir: Path, tmp
         (["--target_modality", "t5"], "target_modality"),
         (["--roi_size", "[50,64,48]"], "roi_size [50, 64, 48] must be a multiple of the stage-1 downsampling factor 4"),
         (["--network_def#num_layer", "2"], "num_layer"),
+        (["--dataset", "medmnist3d"], "add configs/medmnist3d.json to --config_file"),
     ],
-    ids=["steps_0", "unknown_target", "roi_not_divisible", "unknown_network_key"],
+    ids=["steps_0", "unknown_target", "roi_not_divisible", "unknown_network_key", "medmnist_without_overlay"],
 )
 def test_bad_inference_settings_are_one_line(
     stage2_run: Path, stage1_run: Stage1Run, phantom_dir: Path, tmp_path: Path, override: list[str], expected: str

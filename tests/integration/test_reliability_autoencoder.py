@@ -346,7 +346,7 @@ def test_missing_input_file_is_one_line_naming_the_traceback_log(
     else:
         assert log.parent == temporary and log.name.startswith("prod9_error_") and not out.exists()
     text = log.read_text()
-    assert "Traceback (most recent call last)" in text and "token_writer.py" in text
+    assert "Traceback (most recent call last)" in text and "stage1_inference.py" in text
     assert f"FileNotFoundError: input_files: no such file: {missing}" in text
 
 
@@ -363,7 +363,7 @@ def test_traceback_on_the_terminal_when_asked(models: Path, tmp_path: Path) -> N
         expect_failure=True,
         env={TRACEBACK_VARIABLE: "1", "TMPDIR": str(temporary)},
     )  # fmt: skip
-    assert TRACEBACK_LINES.search(result.stderr) and "token_writer.py" in result.stderr
+    assert TRACEBACK_LINES.search(result.stderr) and "stage1_inference.py" in result.stderr
     assert last_error_line(result) == f"{SUMMARY_PREFIX}FileNotFoundError: input_files: no such file: {missing}"
     assert not list(temporary.glob("prod9_error_*")) and not (tmp_path / "out").exists()
 

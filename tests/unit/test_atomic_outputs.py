@@ -12,7 +12,8 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.transforms import SaveImage
 
-from prod9_ext.engines.atomic_outputs import AtomicMetricsSaver, AtomicNibabelWriter, atomic_write_text
+from prod9_ext.atomic import atomic_write_text
+from prod9_ext.engines import AtomicMetricsSaver, AtomicNibabelWriter
 
 
 def test_atomic_write_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

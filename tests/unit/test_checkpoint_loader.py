@@ -10,7 +10,7 @@ import torch
 from ignite.engine import Engine
 
 from prod9_ext import AutoencoderFSQ, TransformerDecoder
-from prod9_ext.engines.checkpoints import CheckedCheckpointLoader
+from prod9_ext.engines import CheckedCheckpointLoader
 
 
 def _autoencoder(num_channels: tuple[int, ...] = (8, 16), fsq_levels: tuple[int, ...] = (8, 5, 5, 5)) -> AutoencoderFSQ:

@@ -12,8 +12,7 @@ from ignite.metrics import Metric
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import ValidationHandler
 
-from prod9_ext.engines import AtomicCheckpointSaver, BestMetricState, latest_checkpoint
-from prod9_ext.engines.checkpoints import CheckedCheckpointLoader
+from prod9_ext.engines import AtomicCheckpointSaver, BestMetricState, CheckedCheckpointLoader, latest_checkpoint
 
 BATCH = [{"image": torch.zeros(1, 1), "label": torch.zeros(1, 1)}]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from prod9_ext.engines.config_checks import check_choice, check_ints, check_numbers, check_output_dir, check_roi_size
+from prod9_ext.engines.startup import check_choice, check_ints, check_numbers, check_output_dir, check_roi_size
 
 
 @pytest.mark.parametrize("value", ["abc", 0, 2.5, True, None, [3]])

@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from prod9_ext.engines import Bf16Trainer, amp_enabled, precision
-from prod9_ext.engines.config_checks import check_device
+from prod9_ext.engines import Bf16Trainer, amp_enabled, startup
+from prod9_ext.engines.startup import check_device
 
 
 @pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])
@@ -60,8 +60,8 @@ def test_amp_follows_the_config_where_bf16_runs() -> None:
 def test_amp_without_bf16_falls_back_with_one_line(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(precision, "bf16_is_supported", lambda device: False)
-    precision._warn_no_bf16.cache_clear()
+    monkeypatch.setattr(startup, "bf16_is_supported", lambda device: False)
+    startup._warn_no_bf16.cache_clear()
     with caplog.at_level(logging.WARNING):
         assert [amp_enabled(True, "cuda:0") for _ in range(3)] == [False] * 3  # trainer, evaluator, tokens
         assert amp_enabled(False, "cuda:0") is False
@@ -71,8 +71,8 @@ def test_amp_without_bf16_falls_back_with_one_line(
 def test_cuda_without_native_bf16_is_unsupported(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert not precision.bf16_is_supported("cuda:0")  # e.g. a V100: bf16 only emulated
-    assert precision.bf16_is_supported("cpu")
+    assert not startup.bf16_is_supported("cuda:0")  # e.g. a V100: bf16 only emulated
+    assert startup.bf16_is_supported("cpu")
 
 
 def _trainer(dtype: torch.dtype) -> Bf16Trainer:

@@ -17,7 +17,7 @@ from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, Lambdad
 
-from prod9_ext.engines import config_checks, error_summary
+from prod9_ext.engines import error_summary, startup
 from prod9_ext.engines.error_summary import SUMMARY_PREFIX, TRACEBACK_VARIABLE, is_user_error, root_cause
 
 MESSAGE = "/data/case_t1.nii.gz (key 'image'): 4D image with 3 volumes"
@@ -102,15 +102,15 @@ def _caught(action: Callable[[], object], wrap: bool = False) -> BaseException:
 
 
 USER_ERRORS = [
-    pytest.param(lambda: config_checks.check_ints(max_epochs=0), False, id="ValueError of a prod9 check"),
-    pytest.param(lambda: config_checks.check_ints(max_epochs=0), True, id="the same under MONAI's wrapper"),
+    pytest.param(lambda: startup.check_ints(max_epochs=0), False, id="ValueError of a prod9 check"),
+    pytest.param(lambda: startup.check_ints(max_epochs=0), True, id="the same under MONAI's wrapper"),
     pytest.param(lambda: ConfigParser({"a": 1}).get_parsed_content("b"), True, id="KeyError of the config parser"),
     pytest.param(
-        lambda: config_checks.check_output_dir("output_dir", Path(__file__) / "out", []), True, id="OSError of a check"
+        lambda: startup.check_output_dir("output_dir", Path(__file__) / "out", []), True, id="OSError of a check"
     ),
 ]
 BUGS = [
-    pytest.param(lambda: config_checks.check_ints(minimum=None, x=1), True, id="TypeError in prod9"),
+    pytest.param(lambda: startup.check_ints(minimum=None, x=1), True, id="TypeError in prod9"),
     pytest.param(lambda: np.zeros(-1), True, id="ValueError outside prod9"),
     pytest.param(lambda: {}["key"], False, id="KeyError outside prod9"),
     pytest.param(lambda: _refuse(None), True, id="ValueError raised by a caller's code"),
@@ -129,7 +129,7 @@ def test_bugs(action: Callable[[], object], wrap: bool) -> None:
 
 @pytest.mark.parametrize("num_workers", [0, 1], ids=["main process", "worker process"])
 def test_user_error_in_a_transform(num_workers: int) -> None:
-    check = functools.partial(config_checks.check_choice, "image", choices=[1])
+    check = functools.partial(startup.check_choice, "image", choices=[1])
     loader = DataLoader(Dataset([{"image": 0}], transform=Compose([Lambdad("image", check)])), num_workers=num_workers)
     with pytest.raises(Exception) as caught:
         next(iter(loader))
@@ -139,7 +139,7 @@ def test_user_error_in_a_transform(num_workers: int) -> None:
 
 def _run_failing(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     """``code`` after ``error_summary.install(<tmp_path>)`` in a new Python process."""
-    script = f"from prod9_ext.engines import config_checks, error_summary\nerror_summary.install({str(tmp_path)!r})\n"
+    script = f"from prod9_ext.engines import error_summary, startup\nerror_summary.install({str(tmp_path)!r})\n"
     repo = Path(__file__).resolve().parents[2]
     environment = {k: v for k, v in os.environ.items() if k != TRACEBACK_VARIABLE}
     return subprocess.run(
@@ -154,7 +154,7 @@ def _run_failing(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedP
 
 USER_ERROR_CODE = (
     "try:\n"
-    "    config_checks.check_ints(max_epochs=0)\n"
+    "    startup.check_ints(max_epochs=0)\n"
     "except ValueError as error:\n"
     "    raise RuntimeError('Failed to evaluate ConfigExpression') from error\n"
 )
@@ -167,7 +167,7 @@ def test_user_error_is_one_line_and_a_log(tmp_path: Path) -> None:
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.strip() == f"{USER_ERROR_LINE} (traceback: {log})"
     text = log.read_text()
-    assert "Traceback (most recent call last)" in text and "config_checks.py" in text
+    assert "Traceback (most recent call last)" in text and "startup.py" in text
     assert text.rstrip().endswith("RuntimeError: Failed to evaluate ConfigExpression")
 
 
@@ -182,6 +182,6 @@ def test_traceback_on_the_terminal(tmp_path: Path, code: str, env: dict[str, str
     result = _run_failing(code.replace("ValueError", "Exception"), tmp_path, **env)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
-    assert 'config_checks.py", line' in result.stderr and lines[-2].startswith("RuntimeError: Failed to evaluate")
+    assert 'startup.py", line' in result.stderr and lines[-2].startswith("RuntimeError: Failed to evaluate")
     assert lines[-1].startswith(SUMMARY_PREFIX) and "(traceback:" not in lines[-1]
     assert not list(tmp_path.iterdir())  # no log file

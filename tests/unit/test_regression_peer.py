@@ -19,7 +19,7 @@ import regression_peer
 from regression_peer import TASKS, build_network, load_scoring_cases, predict, train_network
 
 from prod9_ext.data import make_phantom_dataset
-from prod9_ext.engines.ssim_loss import SeparableSSIMLoss
+from prod9_ext.engines import SeparableSSIMLoss
 
 # 6 mm phantoms (about 30x37x30 voxels) in a 32³ ROI, and a small U-Net: a few seconds of training learns a lot.
 PIXDIM = [6.0, 6.0, 6.0]

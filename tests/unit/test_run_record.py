@@ -13,7 +13,8 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
-from prod9_ext.engines.run_record import RunRecord, git_state, package_versions, run_record, write_run_record
+from prod9_ext.engines import RunRecord
+from prod9_ext.engines.handlers import git_state, package_versions, run_record, write_run_record
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,7 +27,7 @@ def test_record_taken_when_built_and_written_when_the_engine_starts(tmp_path: Pa
             "max_epochs": 300,
             "network": "$torch.nn.Identity()",
             "record": {
-                "_target_": "prod9_ext.engines.run_record.RunRecord",
+                "_target_": "prod9_ext.engines.RunRecord",
                 "output_dir": "@output_dir",
                 "workflow": "train",
             },
@@ -76,6 +77,6 @@ def test_no_git_state_outside_a_checkout(tmp_path: Path) -> None:
 
 
 def test_versions_of_missing_distributions_are_none(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("prod9_ext.engines.run_record.PACKAGES", ("torch", "no-such-distribution-prod9"))
+    monkeypatch.setattr("prod9_ext.engines.handlers.PACKAGES", ("torch", "no-such-distribution-prod9"))
     versions = package_versions()
     assert versions["torch"] == importlib.metadata.version("torch") and versions["no-such-distribution-prod9"] is None

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from prod9_ext.engines.snapshots import VolumeSnapshot
+from prod9_ext.engines import VolumeSnapshot
 
 
 def test_per_item_snapshot_keeps_volumes(tmp_path: Path) -> None:

@@ -14,8 +14,7 @@ from prod9_ext import (
     SlidingWindowConfig,
     TransformerDecoder,
 )
-from prod9_ext.engines import SynthesisInferer
-from prod9_ext.engines.stage1_link import Stage1Tokenizer
+from prod9_ext.engines import Stage1Tokenizer, SynthesisInferer
 from prod9_ext.engines.synthesis import token_windows
 
 LEVELS = (5, 5, 5)
