@@ -30,10 +30,10 @@ class AutoencoderFSQ(AutoencoderKlMaisi):
         use_checkpointing: activation checkpointing of every encoder and decoder block while training (MAISI
             checkpoints the whole encoder and decoder, whose recomputation then holds all their activations at
             once): backward recomputes one block at a time, so a step keeps the blocks' inputs plus one block's
-            activations, for about a third more compute.
+            activations, at the cost of a second forward pass through each block.
         fused_group_norm: replace MAISI's group norm, which loops over the groups in Python to save GPU memory,
             by torch's fused ``nn.GroupNorm``: the same normalisation and parameter names (checkpoints load
-            either way), about twice as fast a training step on CPU. Ignored with ``norm_float16``.
+            either way) and a faster training step (BENCHMARKS.md, table 4a). Ignored with ``norm_float16``.
         fsq_levels: values per latent channel, e.g. ``(8, 5, 5, 5)`` (1000 codes).
         latent_channels: optional; when given it must equal ``len(fsq_levels)``.
 
