@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 
 from monai.transforms import Compose
+from torch.utils.data import Subset
 
 from prod9_ext.data.brats import MODALITIES, check_modalities, load_brats_datalist
 from prod9_ext.data.medmnist3d import load_medmnist3d
@@ -42,6 +43,7 @@ def load_datalist(
     split: str = "training",
     medmnist_flag: str = "organmnist3d",
     medmnist_size: int = 28,
+    num_cases: int = 0,
     **kwargs,
 ) -> Sequence[dict]:
     """Cases of one split: BraTS file dicts (:func:`load_brats_datalist`) or MedMNIST 3D items.
@@ -56,6 +58,7 @@ def load_datalist(
             BraTS reads ``"test"`` from the ``"test"`` list of ``<dataset_dir>/dataset.json`` (a one-line
             ``ValueError`` when there is none); MedMNIST uses its own ``train``/``val``/``test`` splits.
         medmnist_flag, medmnist_size: which MedMNIST 3D set.
+        num_cases: only the first this many cases of the split (a fixed subset); 0: all of them.
         kwargs: passed to :func:`load_brats_datalist` (``val_fraction``, ``seed``, ``fold``, ...).
     """
     _check(dataset)
@@ -64,9 +67,11 @@ def load_datalist(
         raise ValueError(f"split must be one of {list(splits)} for {dataset}, got {split!r}.")
     if dataset == "brats":
         datalist = load_brats_datalist(dataset_dir, split=splits[split], **kwargs)  # type: ignore[arg-type]
+        datalist = datalist[:num_cases] if num_cases else datalist
         check_datalist(datalist, MODALITIES)
         return datalist
-    return load_medmnist3d(medmnist_flag, split=splits[split], size=medmnist_size, dataset_dir=dataset_dir)  # type: ignore[arg-type]
+    items = load_medmnist3d(medmnist_flag, split=splits[split], size=medmnist_size, dataset_dir=dataset_dir)  # type: ignore[arg-type]
+    return Subset(items, range(min(num_cases, len(items)))) if num_cases else items  # type: ignore[return-value]
 
 
 def preprocessing(

@@ -12,6 +12,7 @@ from monai.data import DataLoader, Dataset
 from prod9_ext.data import (
     MEDMNIST3D_FLAGS,
     MEDMNIST_DATA_DIR_ENV,
+    load_datalist,
     load_medmnist3d,
     medmnist_transforms,
 )
@@ -103,3 +104,13 @@ def test_feeds_a_monai_dataset_and_loader(tmp_path: Path) -> None:
     batch = next(iter(DataLoader(dataset, batch_size=2)))
     assert batch["image"].shape == (2, 1, 32, 32, 32)
     assert batch["label"].tolist() == [items[0]["label"], items[1]["label"]]
+
+
+def test_load_datalist_keeps_the_first_cases_of_a_split(tmp_path: Path) -> None:
+    """``num_cases`` (the bundles' ``val_num_cases``) on MedMNIST: the first items, 0 for all of them."""
+    arrays = write_npz(tmp_path, "organmnist3d")
+    first = load_datalist("medmnist3d", tmp_path, "validation", "organmnist3d", 28, num_cases=2)
+    assert len(first) == 2
+    assert first[1]["label"] == arrays["val_labels"][1, 0]
+    assert len(load_datalist("medmnist3d", tmp_path, "validation", "organmnist3d", 28)) == SPLIT_SIZES["val"]
+    assert len(load_datalist("medmnist3d", tmp_path, "validation", "organmnist3d", 28, num_cases=9)) == 3
