@@ -147,7 +147,7 @@ class ConditionedTokenModel(Protocol):
         drop_condition: torch.Tensor | None = None,
     ) -> Any: ...
 
-    def logits(self, tokens: torch.Tensor, conditioning: Any) -> torch.Tensor: ...
+    def logits(self, tokens: torch.Tensor, conditioning: Any, where: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def _checked_shape(shape: Sequence[int], sources: torch.Tensor | None) -> tuple[int, ...]:
@@ -251,14 +251,15 @@ class MaskGiTSampler:
         masked_at_start = (flat == mask_id).sum(dim=1).tolist()
         call = self._bind(model, target_modality, sources, source_modalities, class_label)
         for step in range(self.steps):
-            logits = self._guided(call(self._batch(tokens)), step)
-            log_probs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
-            candidates = self._categorical(log_probs, generator)
-            confidence = log_probs.gather(-1, candidates[..., None]).squeeze(-1)
-            noise_scale = self.temperature * ((1 - step / self.steps) if self.gumbel_anneal else 1.0)
-            confidence = confidence + noise_scale * self._gumbel(confidence, generator)
             is_masked = flat == mask_id
-            confidence = confidence.masked_fill(~is_masked, math.inf)
+            logits = self._guided(call(self._batch(tokens), self._batch(is_masked)), step)  # masked tokens only
+            log_probs = self._log_softmax(logits)
+            drawn = self._categorical(log_probs, generator)
+            drawn_confidence = log_probs.gather(-1, drawn[:, None]).squeeze(-1)
+            noise_scale = self.temperature * ((1 - step / self.steps) if self.gumbel_anneal else 1.0)
+            drawn_confidence = drawn_confidence + noise_scale * self._gumbel(drawn_confidence, generator)
+            candidates = flat.masked_scatter(is_masked, drawn)
+            confidence = torch.full(flat.shape, math.inf, device=device).masked_scatter(is_masked, drawn_confidence)
             still_masked = [self.num_masked_after(step, n) for n in masked_at_start]
             num_fixed = num_tokens - torch.tensor(still_masked, device=device)[:, None]
             rank = confidence.argsort(dim=1, descending=True).argsort(dim=1)
@@ -283,8 +284,8 @@ class MaskGiTSampler:
         shape = _checked_shape(shape, sources)
         tokens = torch.full(shape, model.vocab_size, dtype=torch.long, device=target_modality.device)
         call = self._bind(model, target_modality, sources, source_modalities, class_label)
-        logits = self._guided(call(self._batch(tokens)), self.steps - 1)
-        return torch.softmax(logits.float() / self.temperature, dim=-1)
+        logits = self._guided(call(self._batch(tokens), None), self.steps - 1)
+        return self._log_softmax(logits).exp()
 
     def _bind(
         self,
@@ -293,11 +294,12 @@ class MaskGiTSampler:
         sources: torch.Tensor | None,
         source_modalities: torch.Tensor | None,
         class_label: torch.Tensor | None,
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``tokens → logits`` with the conditions bound; with guidance, on the batch ``[cond; uncond]``.
+    ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        """``(tokens, where) → logits`` with the conditions bound; with guidance, on the batch ``[cond; uncond]``.
 
-        A model with ``condition`` and ``logits`` (``TransformerDecoder``) computes the conditions' part once per
-        run instead of once per step.
+        ``where`` (``Bool[B, N]`` or None) selects the tokens whose logits are returned (``[M, V]``; all of them,
+        ``[B, N, V]``, when None). A model with ``condition`` and ``logits`` (``TransformerDecoder``) computes the
+        conditions' part once per run instead of once per step, and only the selected tokens' logits.
         """
         drop = None
         if self.guidance_scale > 0:
@@ -317,15 +319,26 @@ class MaskGiTSampler:
         }
         if isinstance(model, ConditionedTokenModel):
             conditioning = model.condition(target_modality, **conditions)
-            return lambda tokens: model.logits(tokens, conditioning)
-        return lambda tokens: model(tokens, target_modality, **conditions)
+            return lambda tokens, where: model.logits(tokens, conditioning, where)
 
-    def _batch(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The tokens as the bound call takes them: twice over with guidance."""
-        return torch.cat([tokens, tokens]) if self.guidance_scale > 0 else tokens
+        def call(tokens: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
+            logits = model(tokens, target_modality, **conditions)
+            return logits if where is None else logits[where]
+
+        return call
+
+    def _batch(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (or a mask over them) as the bound call takes them: twice over with guidance."""
+        return torch.cat([x, x]) if self.guidance_scale > 0 else x
+
+    def _log_softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """``log_softmax(logits / temperature)`` in float32 (no division at temperature 1)."""
+        logits = logits.float()
+        return torch.log_softmax(logits if self.temperature == 1 else logits / self.temperature, dim=-1)
 
     def _guided(self, logits: torch.Tensor, step: int) -> torch.Tensor:
-        """``[B, N, V]`` logits of step ``step``: ``uncond + (1 + w) * (cond - uncond)`` from ``[cond; uncond]``."""
+        """Logits of step ``step``: ``uncond + (1 + w) * (cond - uncond)`` from ``[cond; uncond]`` (halves of the
+        first dimension)."""
         if self.guidance_scale == 0:
             return logits
         cond, uncond = logits.float().chunk(2)
@@ -334,7 +347,7 @@ class MaskGiTSampler:
 
     @staticmethod
     def _categorical(log_probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """One draw per row of ``log_probs [B, N, V]`` → ``Long[B, N]``, by inverting the cumulative distribution.
+        """One draw per row of ``log_probs [..., V]`` → ``Long[...]``, by inverting the cumulative distribution.
 
         One uniform number per token instead of ``torch.multinomial``'s per-row set-up: several times faster for the
         thousands of rows of a 3D grid.

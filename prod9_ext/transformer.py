@@ -274,7 +274,27 @@ class ConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w, d]`` → same shape."""
         normed = self.norm(x.movedim(1, -1)).movedim(-1, 1)
-        return x + self.conv(F.gelu(normed))
+        return x + conv3d_onednn(self.conv, F.gelu(normed))
+
+
+def conv3d_onednn(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``, on CPU always through oneDNN (``torch.mkldnn_convolution``), under autocast as ``conv`` would.
+
+    For a batch of one, PyTorch's CPU dispatch picks its reference kernel (parallel over the batch only) whenever
+    ``N·C·D·H <= 20480``, a threshold made for 2D: on the token grids of sampling, e.g. ``[1, 32, 24, 24, 18]``, that
+    kernel is about 15× slower than oneDNN on 2 cores.
+    """
+    if x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return conv(x)
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return conv(x)
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        return conv(x)
+    bias = None if conv.bias is None else conv.bias.to(dtype)
+    return torch.mkldnn_convolution(
+        x.to(dtype), conv.weight.to(dtype), bias, conv.padding, conv.stride, conv.dilation, conv.groups
+    )
 
 
 class TokenStem(nn.Module):
@@ -371,14 +391,19 @@ class TokenHead(nn.Module):
             self.level_of_token: torch.Tensor
             self.level_linear = nn.Linear(channels, sum(sizes))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        """``x [B, L, D]``, ``c [B, D]``, ``skip [B, C, h, w, d]`` → ``[B, h*w*d, V]`` in raster order."""
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, skip: torch.Tensor, where: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x [B, L, D]``, ``c [B, D]``, ``skip [B, C, h, w, d]`` → ``[B, h*w*d, V]`` in raster order; with
+        ``where`` (``Bool[B, h*w*d]``) only the selected tokens' logits, ``[M, V]``."""
         grid = skip.shape[2:]
         tokens = unpatchify(self.proj(self.norm(x)), grid, self.patch_size)  # [B, h*w*d, C]
         shift, scale = self.modulation(c).chunk(2, dim=1)
         features = skip + tokens.transpose(1, 2).reshape(skip.shape)
         features = features * (1 + scale[:, :, None, None, None]) + shift[:, :, None, None, None]
         features = self.out_norm(self.blocks(features).flatten(2).transpose(1, 2))
+        if where is not None:
+            features = features[where]
         if self.level_linear is None:
             return self.linear(features)
         return F.linear(features, *with_level_term(self.linear, self.level_linear, self.level_of_token, 1))
@@ -555,8 +580,14 @@ class TransformerDecoder(nn.Module):
             self._embed_condition(target_modality, class_label, drop_condition), source_patches, source_tokens
         )
 
-    def logits(self, tokens: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
-        """``forward`` with the conditions given as ``condition``'s output: ``[B, h*w*d, vocab_size]`` logits."""
+    def logits(
+        self, tokens: torch.Tensor, conditioning: Conditioning, where: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``forward`` with the conditions given as ``condition``'s output: ``[B, h*w*d, vocab_size]`` logits.
+
+        ``where`` (``Bool[B, h*w*d]``, optional): only the logits of the selected tokens, ``[M, vocab_size]`` in
+        the order of ``tokens.flatten(1)[where]`` (the sampler needs the masked tokens' only; with the token path
+        the vocabulary-wide layer then runs on those tokens alone)."""
         self._check_grid(tokens)
         x = self.token_embed(tokens) + conditioning.source_patches
         skip = None
@@ -567,8 +598,9 @@ class TransformerDecoder(nn.Module):
         for block in self.blocks:
             x = block(x, conditioning.c)
         if isinstance(self.final_layer, TokenHead) and skip is not None:
-            return self.final_layer(x, conditioning.c, skip)
-        return unpatchify(self.final_layer(x, conditioning.c), self.latent_shape, self.patch_size)
+            return self.final_layer(x, conditioning.c, skip, where)
+        logits = unpatchify(self.final_layer(x, conditioning.c), self.latent_shape, self.patch_size)
+        return logits if where is None else logits[where]
 
     def _check_grid(self, tokens: torch.Tensor) -> None:
         if tuple(tokens.shape[1:]) != self.latent_shape:

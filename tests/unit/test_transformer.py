@@ -12,6 +12,7 @@ from prod9_ext.transformer import (
     AdaLNZeroBlock,
     SinCosPosEmbed,
     TransformerDecoder,
+    conv3d_onednn,
     patchify,
     unpatchify,
     with_level_term,
@@ -350,3 +351,31 @@ def test_condition_then_logits_equals_forward(token_dim: int) -> None:
     unconditioned = model.condition(torch.tensor([1]))
     tokens = _tokens(1)
     assert torch.allclose(model.logits(tokens, unconditioned), model(tokens, torch.tensor([1])), atol=1e-6)
+
+
+@pytest.mark.parametrize(("patch_size", "token_dim"), [(1, 0), (2, 0), (2, 8)])
+def test_logits_of_selected_tokens_are_the_rows_of_the_full_logits(patch_size: int, token_dim: int) -> None:
+    """``logits(..., where)`` returns the selected tokens' rows of the full logits, batch-major."""
+    model = _model((4, 4, 4), patch_size, fsq_levels=[3, 4], token_dim=token_dim)
+    tokens = _tokens(2)
+    conditioning = model.condition(torch.tensor([1, 2]))
+    where = torch.rand(2, 64, generator=torch.Generator().manual_seed(3)) < 0.4
+    full = model.logits(tokens, conditioning)
+    assert torch.allclose(model.logits(tokens, conditioning, where), full[where], atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_onednn_convolution_equals_the_module_with_gradients_and_under_autocast(batch: int) -> None:
+    """``conv3d_onednn`` gives ``conv(x)`` (values and gradients), and bf16 under CPU autocast as ``conv`` does."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(8, 8, kernel_size=3, padding=1)
+    x = torch.randn(batch, 8, 6, 5, 4, requires_grad=True)
+    ours, reference = conv3d_onednn(conv, x), conv(x)
+    assert torch.allclose(ours, reference, atol=1e-5)
+    (ours_grad,) = torch.autograd.grad(ours.square().sum(), x)
+    (reference_grad,) = torch.autograd.grad(reference.square().sum(), x)
+    assert torch.allclose(ours_grad, reference_grad, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, reference = conv3d_onednn(conv, x), conv(x)
+    assert ours.dtype == reference.dtype == torch.bfloat16
+    assert torch.allclose(ours.float(), reference.float(), atol=0.05)
