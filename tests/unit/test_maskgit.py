@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from prod9_ext.fsq import FiniteScalarQuantizer
 from prod9_ext.maskgit import IGNORE_INDEX, MASK_SCHEDULES, MaskGiTSampler, MaskGiTScheduler, mask_schedule
 from prod9_ext.transformer import TransformerDecoder
 
@@ -292,3 +293,34 @@ def test_sampler_computes_a_models_conditions_once_and_samples_as_the_plain_call
         ]
         assert torch.equal(runs[0], runs[1])
     assert counted["condition"] == 2 + 2 * 4  # one per cached run; one per step for the plain calls (2 runs x 4)
+
+
+def test_code_loss_adds_the_squared_distance_of_the_expected_code_to_the_target_code() -> None:
+    """``code_loss_weight``: cross-entropy plus w * |sum_v p(v) code(v) - code(target)|^2 over the masked tokens."""
+    levels = [2, 5]  # V = 10
+    plain, weighted = MaskGiTScheduler(V), MaskGiTScheduler(V, fsq_levels=levels, code_loss_weight=0.5)
+    logits = torch.randn(2, N, V, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, V, (2, *GRID), generator=torch.Generator().manual_seed(1))
+    targets.view(2, -1)[:, ::3] = IGNORE_INDEX
+    codes = FiniteScalarQuantizer(levels).indices_to_codes(torch.arange(V))
+    kept = targets.flatten() != IGNORE_INDEX
+    expected = torch.softmax(logits.reshape(-1, V)[kept], dim=-1) @ codes
+    distance = (expected - codes[targets.flatten()[kept]]).square().sum(dim=-1).mean()
+    assert torch.allclose(weighted.loss(logits, targets), plain.loss(logits, targets) + 0.5 * distance, atol=1e-6)
+    # A sharper prediction of the right token lowers the term.
+    sharp = logits.clone().reshape(-1, V)
+    sharp[kept, targets.flatten()[kept]] += 20
+    assert weighted.loss(sharp.view_as(logits), targets) < weighted.loss(logits, targets)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"code_loss_weight": 1.0},
+        {"code_loss_weight": 1.0, "fsq_levels": [3, 4]},
+        {"code_loss_weight": -1.0, "fsq_levels": [2, 5]},
+    ],
+)
+def test_code_loss_needs_matching_fsq_levels_and_a_non_negative_weight(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="code_loss_weight"):
+        MaskGiTScheduler(V, **kwargs)
