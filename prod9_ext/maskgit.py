@@ -186,12 +186,12 @@ def _checked_shape(shape: Sequence[int], sources: torch.Tensor | None) -> tuple[
 class MaskGiTSampler:
     """Iterative parallel decoding: start all masked, fix the most confident tokens step by step.
 
-    At step ``t`` (of ``steps``) the model predicts every position; a candidate is sampled at each masked
-    position from ``softmax(logits / temperature)``; its confidence is its log-probability plus Gumbel noise scaled
-    by ``temperature * (1 - t / steps)`` (annealed to zero when ``gumbel_anneal``, constant ``temperature``
-    otherwise); fixed tokens get infinite confidence. The most confident candidates are fixed so that
-    ``floor(gamma((t + 1) / steps) * N)`` tokens remain masked, none after the last step. A fixed token never
-    changes.
+    At step ``t`` (of ``steps``) the model reads the whole grid and gives the logits of the masked positions (only
+    those: see ``TransformerDecoder.logits``); a candidate is sampled at each from ``softmax(logits / temperature)``;
+    its confidence is its log-probability plus Gumbel noise scaled by ``temperature * (1 - t / steps)`` (annealed to
+    zero when ``gumbel_anneal``, constant ``temperature`` otherwise); fixed tokens get infinite confidence. The most
+    confident candidates are fixed so that ``floor(gamma((t + 1) / steps) * N)`` tokens remain masked, none after the
+    last step. A fixed token never changes.
 
     Classifier-free guidance (``guidance_scale`` = w > 0): each step makes one call on the batch ``[cond; uncond]``
     (uncond: ``drop_condition`` True) and uses ``uncond + (1 + w) * (cond - uncond)`` logits, so ``w = 0`` is the
