@@ -278,13 +278,14 @@ class ConvBlock(nn.Module):
 
 
 def conv3d_onednn(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)``, on CPU always through oneDNN (``torch.mkldnn_convolution``), under autocast as ``conv`` would.
+    """``conv(x)``; for a batch of one on CPU without autograd (sampling), through oneDNN (``torch.mkldnn_convolution``)
+    under autocast as ``conv`` would.
 
     For a batch of one, PyTorch's CPU dispatch picks its reference kernel (parallel over the batch only) whenever
     ``N·C·D·H <= 20480``, a threshold made for 2D: on the token grids of sampling, e.g. ``[1, 32, 24, 24, 18]``, that
-    kernel is about 15× slower than oneDNN on 2 cores.
+    kernel is about 15× slower than oneDNN on 2 cores. Training batches, gradients and other devices take ``conv``.
     """
-    if x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if x.device.type != "cpu" or x.shape[0] != 1 or torch.is_grad_enabled() or not torch.backends.mkldnn.is_available():
         return conv(x)
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return conv(x)

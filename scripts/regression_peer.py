@@ -125,6 +125,11 @@ def train_network(
         x, y = _stack(batch, sources, device), _stack(batch, [target], device)
         pred = predict(network, x, amp)
         loss = F.l1_loss(pred, y) + ssim_weight * ssim_loss(pred, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{target}: the training loss is {float(loss)} at iteration {len(losses) + 1} (bf16 autocast {amp}); "
+                "rerun with --amp false"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -227,6 +232,7 @@ def main(
     seed: int = 0,
     device: str = "cpu",
     tasks: Sequence[str] = tuple(TASKS),
+    amp: bool | None = None,
 ) -> None:
     """Train one regression U-Net per task for ``seconds / len(tasks)`` each, score it on ``split``, write the results.
 
@@ -245,6 +251,8 @@ def main(
         seed: seed of the initialisation, the crops and the flips.
         device: torch device.
         tasks: names from ``TASKS``.
+        amp: bf16 autocast; None: where bf16 runs in hardware (``prod9_ext.engines.bf16_is_fast``). A non-finite
+            training loss stops the run with a message naming the task and iteration.
 
     ``metrics.json`` holds ``{task: {"psnr", "ssim", "ssim_tumour", "ssim_rest", "cases", "iterations",
     "train_seconds", "loss_first", "loss_last"}}``, rewritten after each task.
@@ -256,7 +264,7 @@ def main(
     if seconds < 0 or batch_size < 1:
         raise ValueError(f"need seconds >= 0 and batch_size >= 1, got {seconds} and {batch_size}.")
     torch_device = torch.device(device)
-    amp = bf16_is_fast(torch_device)
+    amp = bf16_is_fast(torch_device) if amp is None else amp
     out = Path(output_dir)
     set_determinism(seed=seed)
     train_transform = prod9_ext.data.preprocessing("brats", MODALITIES, list(roi_size), list(pixdim), train=True)

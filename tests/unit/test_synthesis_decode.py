@@ -36,9 +36,12 @@ class FixedLogits(TransformerDecoder):
         self.fixed: torch.Tensor
         self.calls = 0
 
-    def logits(self, tokens: torch.Tensor, conditioning: object) -> torch.Tensor:  # type: ignore[override]
+    def logits(  # type: ignore[override]
+        self, tokens: torch.Tensor, conditioning: object, where: torch.Tensor | None = None
+    ) -> torch.Tensor:
         self.calls += 1
-        return self.fixed.expand(tokens.shape[0], -1, -1)
+        logits = self.fixed.expand(tokens.shape[0], -1, -1)
+        return logits if where is None else logits[where]
 
 
 def _tokenizer() -> Stage1Tokenizer:

@@ -69,11 +69,13 @@ class OneToken(TransformerDecoder):
         self.token = token
         self.calls = 0
 
-    def logits(self, tokens: torch.Tensor, conditioning: object) -> torch.Tensor:  # type: ignore[override]
+    def logits(  # type: ignore[override]
+        self, tokens: torch.Tensor, conditioning: object, where: torch.Tensor | None = None
+    ) -> torch.Tensor:
         self.calls += 1
         logits = torch.full((tokens.shape[0], tokens[0].numel(), V), -40.0)
         logits[..., self.token] = 40.0
-        return logits
+        return logits if where is None else logits[where]
 
 
 class RecordingSampler(MaskGiTSampler):
