@@ -98,7 +98,7 @@ def test_training_lowers_the_loss_on_an_overfit_case(peer_run: tuple[Path, Path,
     network = build_network(1, FEATURES)
     before = _objective(network, sources, target)
     loader = DataLoader([case], batch_size=1)
-    training = train_network(network, loader, "t2", ["t1"], SECONDS / 2, torch.device("cpu"))
+    training = train_network(network, loader, "t2", ["t1"], SECONDS, torch.device("cpu"))
     assert training["iterations"] >= 1
     after = _objective(network, sources, target)
     assert after < before - 0.05, (before, after, training)
