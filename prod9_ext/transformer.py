@@ -301,13 +301,15 @@ def conv3d_onednn(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
 class TokenStem(nn.Module):
     """Token-resolution features ``[B, C, h, w, d]``: each target token and its sources, with their neighbours.
 
-    A source token is embedded by a table of its own modality (``num_modalities × V`` rows), so that "T1 token a"
-    and "T2 token a" differ; the present sources are averaged (a learned vector when none is present), the target
-    token (or the mask id) is added, and a residual convolution lets each token see its 3×3×3 neighbourhood.
+    The sources are fused by concatenation, not averaged: each modality has a slot of its own, holding the source's
+    embedding (a table of ``num_modalities × V`` rows, so that "T1 token a" and "T2 token a" differ) and, with
+    ``code_vectors`` (``[V, n]``, the FSQ codes), its code, with a flag saying whether that source is present (an
+    absent slot is zeros). A 3×3×3 convolution over the concatenated slots and a per-token MLP then see every source
+    and its neighbours at once: what FLAIR looks like where T1 is dark *and* T2 is bright is a conjunction that a
+    mean of per-source embeddings cannot express. With no source present, a learned vector stands in.
 
-    With ``code_vectors`` (``[V, n]``, the FSQ codes), each embedding also gets a linear map of the token's code (one
-    map per source modality, one for the target with a mask flag): what is learned about one token then carries
-    over to tokens with similar codes, which a table learns only row by row.
+    The target token (or the mask id) is embedded by its own table, plus a linear map of its code with a mask flag
+    when ``code_vectors`` is given, and added; a residual convolution lets each token see its neighbourhood.
     """
 
     def __init__(
@@ -315,11 +317,13 @@ class TokenStem(nn.Module):
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        self.num_modalities = num_modalities
         self.target = nn.Embedding(vocab_size + 1, channels)
         self.source = nn.Embedding(num_modalities * vocab_size, channels)
         self.no_source = nn.Parameter(torch.zeros(channels))
         self.block = ConvBlock(channels)
         self.target_code: nn.Linear | None = None
+        code_dim = 0
         if code_vectors is not None:
             # Row v: the code of token v and a 0 flag; the last row (mask id): a zero code and a 1 flag.
             features = torch.cat(
@@ -328,10 +332,15 @@ class TokenStem(nn.Module):
             self.register_buffer("code_features", features.float(), persistent=False)
             self.code_features: torch.Tensor
             self.target_code = nn.Linear(features.shape[1], channels)
-            bound = 1 / math.sqrt(features.shape[1])
-            self.source_code = nn.Parameter(
-                torch.empty(num_modalities, features.shape[1], channels).uniform_(-bound, bound)
-            )
+            code_dim = code_vectors.shape[1]
+        slot_dim = channels + code_dim + 1  # embedding, code, present flag
+        self.fuse = nn.Conv3d(num_modalities * slot_dim, channels, kernel_size=3, padding=1)
+        self.fuse_mlp = nn.Sequential(
+            nn.LayerNorm(channels, eps=1e-6),
+            nn.Linear(channels, 4 * channels),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(4 * channels, channels),
+        )
 
     def embed_sources(self, sources: torch.Tensor | None, source_modalities: torch.Tensor | None) -> torch.Tensor:
         """The sources' part of each token's features: ``sources [B, S, h, w, d]``, ``source_modalities [B, S]``
@@ -340,14 +349,20 @@ class TokenStem(nn.Module):
             return self.no_source
         present = source_modalities >= 0
         modality = source_modalities.clamp(min=0)
-        embedded = self.source(modality[:, :, None, None, None] * self.vocab_size + sources)
+        features = self.source(modality[:, :, None, None, None] * self.vocab_size + sources)
         if self.target_code is not None:
-            weights = self.source_code[modality]  # [B, S, n + 1, C]: each slot's own modality map
-            embedded = embedded + torch.einsum("bsxyzn,bsnc->bsxyzc", self.code_features[sources], weights)
-        embedded = embedded * present[:, :, None, None, None, None].to(embedded.dtype)
-        count = present.sum(dim=1).to(embedded.dtype)[:, None, None, None, None]
-        mean = embedded.sum(dim=1) / count.clamp(min=1)
-        return torch.where(count > 0, mean, self.no_source)
+            features = torch.cat([features, self.code_features[sources][..., :-1]], dim=-1)
+        features = F.pad(features, (0, 1), value=1.0) * present[:, :, None, None, None, None].to(features.dtype)
+        # Slot m holds the source of modality m: [B, S, ...] → [B, M, ...], then channels first, slots concatenated.
+        slots = features.new_zeros(features.shape[0], self.num_modalities, *features.shape[2:])
+        slots = slots.index_put(
+            (torch.arange(len(modality), device=modality.device)[:, None].expand_as(modality), modality),
+            features,
+            accumulate=True,
+        )
+        x = conv3d_onednn(self.fuse, slots.permute(0, 1, 5, 2, 3, 4).flatten(1, 2)).permute(0, 2, 3, 4, 1)
+        x = x + self.fuse_mlp(x)
+        return torch.where(present.any(dim=1)[:, None, None, None, None], x, self.no_source)
 
     def forward(self, tokens: torch.Tensor, source_features: torch.Tensor) -> torch.Tensor:
         """``tokens [B, h, w, d]`` and ``embed_sources``'s output → ``[B, C, h, w, d]``."""

@@ -194,9 +194,37 @@ def test_token_path_sees_neighbours_across_patch_borders() -> None:
     differs = (model(tokens, target, sources, modality) - model(tokens, target, changed, modality)).abs().amax(-1)
     differs = differs.view(shape)
     assert differs[2, 1, 1] > 0  # a neighbour in the next patch along the first axis
-    assert differs[3, 3, 3] > 0  # two 3x3x3 convolutions (stem and head) reach 2 tokens away
-    assert differs[4, 4, 4] == 0  # ... and no further
-    assert differs[1, 4, 1] == 0
+    assert differs[4, 4, 4] > 0  # three 3x3x3 convolutions (source fusion, stem, head) reach 3 tokens away
+    assert differs[5, 5, 5] == 0  # ... and no further
+    assert differs[1, 5, 1] == 0
+
+
+@pytest.mark.parametrize("fsq_levels", [None, [3, 4]])
+def test_token_stem_puts_each_source_in_its_modality_slot(fsq_levels) -> None:
+    """The fused source features depend on which modality each source is, not on the order of the slots."""
+    stem = _model((4, 4, 4), 1, fsq_levels=fsq_levels, token_dim=8).token_stem
+    assert stem is not None
+    sources = _tokens(1, masked=False)[:, None].repeat(1, 2, 1, 1, 1)
+    sources[:, 1] = _tokens(1, masked=False)
+    features = stem.embed_sources(sources, torch.tensor([[0, 2]]))
+    swapped = stem.embed_sources(sources.flip(1), torch.tensor([[2, 0]]))
+    assert torch.allclose(features, swapped, atol=1e-6)
+    assert not torch.allclose(features, stem.embed_sources(sources, torch.tensor([[2, 0]])), atol=1e-3)
+
+
+def test_token_stem_fuses_sources_beyond_a_sum() -> None:
+    """What two sources say together is not the sum of what each says: with sources (a, b) for T1 and T2,
+    f(a, b) - f(a, b') - f(a', b) + f(a', b') differs from zero (a mean of per-source embeddings gives zero)."""
+    stem = _model((4, 4, 4), 1, fsq_levels=[3, 4], token_dim=8).token_stem
+    assert stem is not None
+    a, a2, b, b2 = (_tokens(1, masked=False) for _ in range(4))
+    modalities = torch.tensor([[0, 2]])
+
+    def fused(t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
+        return stem.embed_sources(torch.stack([t1, t2], dim=1), modalities)
+
+    interaction = fused(a, b) - fused(a, b2) - fused(a2, b) + fused(a2, b2)
+    assert interaction.abs().amax() > 1e-2
 
 
 def test_token_path_needs_non_negative_sizes() -> None:
