@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -150,6 +151,14 @@ def test_profiles_name_existing_tables() -> None:
     assert set(benchmark.ALIASES.values()) <= set(benchmark.GROUPS)
     with pytest.raises(ValueError, match="--only"):
         benchmark.main(only="nothing")
+
+
+def test_cpu_profile_times_every_generation_grid_three_times() -> None:
+    """The CPU table's ratios at 24×24×18 are medians of 3 interleaved repeats, like those of the smaller grids."""
+    sizes = benchmark.PROFILES["cpu"]["generation_table"]
+    defaults = inspect.signature(bench_generation.generation_table).parameters
+    for key in ("repeats", "large_repeats"):
+        assert sizes.get(key, defaults[key].default) >= 3
 
 
 def test_main_writes_results_and_summary(
