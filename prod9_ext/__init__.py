@@ -8,6 +8,7 @@ from prod9_ext.autoencoder import AutoencoderFSQ
 from prod9_ext.fsq import FiniteScalarQuantizer
 from prod9_ext.maskgit import MaskGiTSampler, MaskGiTScheduler
 from prod9_ext.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
+from prod9_ext.source_decoder import SourceAwareDecoder
 from prod9_ext.transformer import AdaLNZeroBlock, SinCosPosEmbed, TransformerDecoder
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "MaskGiTScheduler",
     "SinCosPosEmbed",
     "SlidingWindowConfig",
+    "SourceAwareDecoder",
     "TransformerDecoder",
 ]

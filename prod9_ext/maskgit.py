@@ -176,10 +176,14 @@ class ConditionedTokenModel(Protocol):
 
 
 def _checked_shape(shape: Sequence[int], sources: torch.Tensor | None) -> tuple[int, ...]:
-    """``shape`` as a tuple, after checking that the source grids ``[B, S, h, w, d]`` have the target's grid."""
+    """``shape`` as a tuple, after checking that the source images ``[B, S, H, W, D]`` cover the target's token grid
+    ``shape[1:]`` with the same whole number of voxels per token along every axis."""
     shape = tuple(shape)
-    if sources is not None and tuple(sources.shape[2:]) != shape[1:]:
-        raise ValueError(f"source grid shape {tuple(sources.shape[2:])} differs from target grid shape {shape[1:]}")
+    if sources is not None:
+        voxels, grid = tuple(sources.shape[2:]), shape[1:]
+        factors = {v // g for v, g in zip(voxels, grid, strict=False)} if len(voxels) == len(grid) else set()
+        if len(factors) != 1 or any(v != g * next(iter(factors)) for v, g in zip(voxels, grid, strict=True)):
+            raise ValueError(f"source voxel grid {voxels} is not the target token grid {grid} times one factor")
     return shape
 
 

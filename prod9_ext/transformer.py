@@ -7,14 +7,16 @@ one place). Three choices are specific to 3D token grids:
   patch of the token grid: it embeds its ``p³`` tokens (masked ones included) and predicts ``p³ × V`` logits.
   Masking and sampling stay per token; only the network sees patches.
 - **Per-axis sin-cos positions** over the patch grid, so neighbours along any axis have similar embeddings.
-- **Aligned source grids.** The token grids of the available source modalities share the target's grid, so they
-  are embedded patch by patch and added to the target's embeddings: the sequence length does not grow with the
-  number of sources, and any subset of sources (including none) is the same network.
+- **Sources as voxels, on the token grid.** Each present source enters at voxel resolution: the ``f³`` voxels
+  under each token are moved into channels (space-to-depth, lossless) or read by a small strided convolution, so the
+  sources' anatomy is not squeezed into 8-10 bits per token before the network sees it. Each modality has a slot
+  of its own with a present flag; absent slots (and the target's own) are zero before anything mixes channels, so
+  any subset of sources (including none) is the same network and the target's voxels cannot leak in.
 - **FSQ structure (optional, ``fsq_levels``).** An FSQ token is a point on a grid of levels, so neighbouring
   tokens mean similar images. With the levels given, each token is also embedded through its code vector, and
   the logits get a factorised term, one score per level of each channel: what the network learns about one token
   carries over to its neighbours instead of being learned once per token.
-- **A token-resolution path (optional, ``token_dim``).** A patch position squeezes ``p³`` source tokens into one
+- **A token-resolution path (optional, ``token_dim``).** A patch position squeezes ``p³`` tokens into one
   vector and unfolds one vector into ``p³`` predictions, so fine anatomy is lost on the way and every patch is
   predicted on its own (blocks on the patch grid). With ``token_dim`` set, a small convolutional path runs on the
   full token grid around the transformer, as U-Net skips do: it embeds every token with its sources and their
@@ -42,9 +44,10 @@ from prod9_ext.fsq import FiniteScalarQuantizer
 class Conditioning:
     """What the conditions contribute to a ``TransformerDecoder`` call (``TransformerDecoder.condition``).
 
-    ``c``: the AdaLN conditioning vector ``[B, D]``; ``source_patches``: the sources' embedding added to the target's
-    patches, ``[B, L, D]`` (``[D]`` without sources); ``source_tokens``: the sources' token-resolution features
-    ``[B, h, w, d, C]`` (``[C]`` without sources; None without the token path).
+    ``c``: the AdaLN conditioning vector ``[B, D]``; ``source_patches``: the sources' features merged into the
+    target's patches without the token path, ``[B, L, D]`` (``[D]`` without sources; a zero with the token path);
+    ``source_tokens``: with the token path, the sources' token-resolution features ``[B, h, w, d, C]`` (``[C]``
+    without sources), else None.
     """
 
     c: torch.Tensor
@@ -298,32 +301,108 @@ def conv3d_onednn(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-class TokenStem(nn.Module):
-    """Token-resolution features ``[B, C, h, w, d]``: each target token and its sources, with their neighbours.
+def space_to_depth(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``[B, C, h*f, w*f, d*f]`` → ``[B, C * f³, h, w, d]``: the ``f³`` voxels under each token as channels.
 
-    The sources are fused by concatenation, not averaged: each modality has a slot of its own, holding the source's
-    embedding (a table of ``num_modalities × V`` rows, so that "T1 token a" and "T2 token a" differ) and, with
-    ``code_vectors`` (``[V, n]``, the FSQ codes), its code, with a flag saying whether that source is present (an
-    absent slot is zeros). A 3×3×3 convolution over the concatenated slots and a per-token MLP then see every source
-    and its neighbours at once: what FLAIR looks like where T1 is dark *and* T2 is bright is a conjunction that a
-    mean of per-source embeddings cannot express. With no source present, a learned vector stands in.
+    Channel ``c * f³ + k`` holds voxel ``k`` (raster order inside the token's block) of input channel ``c``; nothing
+    is lost, the inverse is :func:`depth_to_space`.
+    """
+    b, c, *spatial = x.shape
+    if any(n % factor for n in spatial):
+        raise ValueError(f"voxel grid {spatial} is not divisible by the factor {factor}")
+    h, w, d = (n // factor for n in spatial)
+    x = x.reshape(b, c, h, factor, w, factor, d, factor).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return x.reshape(b, c * factor**3, h, w, d)
 
-    The target token (or the mask id) is embedded by its own table, plus a linear map of its code with a mask flag
-    when ``code_vectors`` is given, and added; a residual convolution lets each token see its neighbourhood.
+
+def depth_to_space(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``[B, C * f³, h, w, d]`` → ``[B, C, h*f, w*f, d*f]``, the inverse of :func:`space_to_depth`."""
+    b, cf, h, w, d = x.shape
+    c = cf // factor**3
+    x = x.reshape(b, c, factor, factor, factor, h, w, d).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(b, c, h * factor, w * factor, d * factor)
+
+
+SOURCE_ENCODERS = ("space_to_depth", "conv")
+
+
+class SourceEncoder(nn.Module):
+    """The present sources' voxels on the token grid: ``[B, S, H, W, D]`` → features ``[B, h, w, d, C]``.
+
+    Each source is read at voxel resolution (``H = h * factor``): ``"space_to_depth"`` moves the ``factor³`` voxels
+    under each token into channels (lossless, no parameters), ``"conv"`` reads them with a small strided
+    convolution shared by all modalities (3×3×3 at voxel resolution, then a ``factor``-strided one to the token
+    grid, ``factor³`` channels out). Every modality has a slot of its own, ``[features, present flag]``, and an
+    absent slot, the target's own included, is zero before anything mixes channels: what is not a present source
+    cannot reach the output. A 3×3×3 convolution over the concatenated slots and a per-token MLP then see every
+    source and its neighbours at once: what FLAIR looks like where T1 is dark *and* T2 is bright is a conjunction
+    that a mean over sources cannot express. With no source present, a learned vector stands in.
     """
 
-    def __init__(
-        self, vocab_size: int, channels: int, num_modalities: int, code_vectors: torch.Tensor | None = None
-    ) -> None:
+    def __init__(self, num_modalities: int, factor: int, channels: int, kind: str = "space_to_depth") -> None:
+        super().__init__()
+        if kind not in SOURCE_ENCODERS:
+            raise ValueError(f"source_encoder must be one of {list(SOURCE_ENCODERS)}, got {kind!r}")
+        if factor < 1 or channels < 1:
+            raise ValueError(f"source_factor and the source channels must be >= 1, got {factor} and {channels}")
+        self.num_modalities = num_modalities
+        self.factor = factor
+        self.reader: nn.Sequential | None = None
+        if kind == "conv":
+            width = max(8, factor**3 // 2)
+            self.reader = nn.Sequential(
+                nn.Conv3d(1, width, kernel_size=3, padding=1),
+                nn.GELU(approximate="tanh"),
+                nn.Conv3d(width, factor**3, kernel_size=factor, stride=factor),
+            )
+        slot_dim = factor**3 + 1  # the voxels under a token (or what the reader makes of them), present flag
+        self.fuse = nn.Conv3d(num_modalities * slot_dim, channels, kernel_size=3, padding=1)
+        self.fuse_mlp = nn.Sequential(
+            nn.LayerNorm(channels, eps=1e-6),
+            nn.Linear(channels, 4 * channels),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(4 * channels, channels),
+        )
+        self.no_source = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, sources: torch.Tensor | None, source_modalities: torch.Tensor | None) -> torch.Tensor:
+        """``sources [B, S, H, W, D]`` (voxels), ``source_modalities [B, S]`` (``-1``: absent) → ``[B, h, w, d, C]``;
+        ``[C]`` (the learned vector) when ``sources`` is None."""
+        if sources is None or source_modalities is None:
+            return self.no_source
+        present = source_modalities >= 0
+        b, s = present.shape
+        voxels = sources.float() * present[:, :, None, None, None]  # absent slots are zero before anything mixes
+        voxels = voxels.flatten(0, 1)[:, None]  # [B * S, 1, H, W, D]
+        features = self.reader(voxels) if self.reader is not None else space_to_depth(voxels, self.factor)
+        features = features.unflatten(0, (b, s)).movedim(2, -1)  # [B, S, h, w, d, f³]
+        keep = present[:, :, None, None, None, None].to(features.dtype)
+        features = F.pad(features, (0, 1), value=1.0) * keep
+        # Slot m holds the source of modality m: [B, S, ...] → [B, M, ...], then channels first, slots concatenated.
+        modality = source_modalities.clamp(min=0)
+        slots = features.new_zeros(b, self.num_modalities, *features.shape[2:])
+        slots = slots.index_put(
+            (torch.arange(b, device=modality.device)[:, None].expand_as(modality), modality), features, accumulate=True
+        )
+        x = conv3d_onednn(self.fuse, slots.permute(0, 1, 5, 2, 3, 4).flatten(1, 2)).permute(0, 2, 3, 4, 1)
+        x = x + self.fuse_mlp(x)
+        return torch.where(present.any(dim=1)[:, None, None, None, None], x, self.no_source)
+
+
+class TokenStem(nn.Module):
+    """Token-resolution features ``[B, C, h, w, d]``: each target token with the sources' features, and neighbours.
+
+    The target token (or the mask id) is embedded by its own table, plus a linear map of its code with a mask flag
+    when ``code_vectors`` (``[V, n]``, the FSQ codes) is given; the :class:`SourceEncoder`'s features are added and
+    a residual convolution lets each token see its neighbourhood.
+    """
+
+    def __init__(self, vocab_size: int, channels: int, code_vectors: torch.Tensor | None = None) -> None:
         super().__init__()
         self.vocab_size = vocab_size
-        self.num_modalities = num_modalities
         self.target = nn.Embedding(vocab_size + 1, channels)
-        self.source = nn.Embedding(num_modalities * vocab_size, channels)
-        self.no_source = nn.Parameter(torch.zeros(channels))
         self.block = ConvBlock(channels)
         self.target_code: nn.Linear | None = None
-        code_dim = 0
         if code_vectors is not None:
             # Row v: the code of token v and a 0 flag; the last row (mask id): a zero code and a 1 flag.
             features = torch.cat(
@@ -332,40 +411,9 @@ class TokenStem(nn.Module):
             self.register_buffer("code_features", features.float(), persistent=False)
             self.code_features: torch.Tensor
             self.target_code = nn.Linear(features.shape[1], channels)
-            code_dim = code_vectors.shape[1]
-        slot_dim = channels + code_dim + 1  # embedding, code, present flag
-        self.fuse = nn.Conv3d(num_modalities * slot_dim, channels, kernel_size=3, padding=1)
-        self.fuse_mlp = nn.Sequential(
-            nn.LayerNorm(channels, eps=1e-6),
-            nn.Linear(channels, 4 * channels),
-            nn.GELU(approximate="tanh"),
-            nn.Linear(4 * channels, channels),
-        )
-
-    def embed_sources(self, sources: torch.Tensor | None, source_modalities: torch.Tensor | None) -> torch.Tensor:
-        """The sources' part of each token's features: ``sources [B, S, h, w, d]``, ``source_modalities [B, S]``
-        (``-1``: absent) → ``[B, h, w, d, C]``; ``[C]`` (the learned vector) when ``sources`` is None."""
-        if sources is None or source_modalities is None:
-            return self.no_source
-        present = source_modalities >= 0
-        modality = source_modalities.clamp(min=0)
-        features = self.source(modality[:, :, None, None, None] * self.vocab_size + sources)
-        if self.target_code is not None:
-            features = torch.cat([features, self.code_features[sources][..., :-1]], dim=-1)
-        features = F.pad(features, (0, 1), value=1.0) * present[:, :, None, None, None, None].to(features.dtype)
-        # Slot m holds the source of modality m: [B, S, ...] → [B, M, ...], then channels first, slots concatenated.
-        slots = features.new_zeros(features.shape[0], self.num_modalities, *features.shape[2:])
-        slots = slots.index_put(
-            (torch.arange(len(modality), device=modality.device)[:, None].expand_as(modality), modality),
-            features,
-            accumulate=True,
-        )
-        x = conv3d_onednn(self.fuse, slots.permute(0, 1, 5, 2, 3, 4).flatten(1, 2)).permute(0, 2, 3, 4, 1)
-        x = x + self.fuse_mlp(x)
-        return torch.where(present.any(dim=1)[:, None, None, None, None], x, self.no_source)
 
     def forward(self, tokens: torch.Tensor, source_features: torch.Tensor) -> torch.Tensor:
-        """``tokens [B, h, w, d]`` and ``embed_sources``'s output → ``[B, C, h, w, d]``."""
+        """``tokens [B, h, w, d]`` and the :class:`SourceEncoder`'s output → ``[B, C, h, w, d]``."""
         x = self.target(tokens) + source_features
         if self.target_code is not None:
             x = x + self.target_code(self.code_features[tokens])
@@ -474,13 +522,16 @@ class TransformerDecoder(nn.Module):
         token_dim: channels of the token-resolution path (0: none; see the module docstring). With it, each
             token is predicted from its patch's transformer output and from its own and its neighbours' tokens.
         token_blocks: residual 3×3×3 convolutions of that path's head (with ``token_dim``).
+        source_factor: voxels per token along each axis (the stage-1 downsampling factor ``f``): the sources are
+            images of ``latent_shape * f`` voxels.
+        source_encoder: how a source's voxels reach the token grid, ``"space_to_depth"`` or ``"conv"`` (see
+            :class:`SourceEncoder`).
+        source_dim: channels of the sources' token-resolution features without the token path (with it, they are
+            ``token_dim``).
 
-    The target tokens and each source grid have their own patch embedding (a source token is context of a known
-    modality, a target token is either known or masked, so their roles differ). Each source's embedding plus its
-    modality embedding goes through a small MLP before the sources are averaged: the non-linearity keeps "T1 says
-    a, T2 says b" apart from "T1 says b, T2 says a", which a plain sum of embeddings would confuse. The average is
-    added to the target's embeddings; with no source present a learned "no source" vector is added instead.
-    The conditioning vector ``c`` (target modality, plus class when ``num_classes > 0``) drives every block's
+    The sources have one path (:class:`SourceEncoder`): their token-resolution features join the target's token
+    features in the token path (and through it the patches), or, without it, are merged patch by patch into the
+    sequence. The conditioning vector ``c`` (target modality, plus class when ``num_classes > 0``) drives every block's
     AdaLN-Zero modulation, so the network is always told which modality to produce.
     """
 
@@ -499,6 +550,9 @@ class TransformerDecoder(nn.Module):
         fsq_levels: Sequence[int] | None = None,
         token_dim: int = 0,
         token_blocks: int = 1,
+        source_factor: int = 1,
+        source_encoder: str = "space_to_depth",
+        source_dim: int = 32,
     ) -> None:
         super().__init__()
         if token_dim < 0 or token_blocks < 0:
@@ -524,17 +578,17 @@ class TransformerDecoder(nn.Module):
         self.num_modalities = num_modalities
         self.num_classes = num_classes
 
-        # Sequence inputs: target tokens, aligned source grids (mixed per modality), fixed positions.
+        self.source_factor = source_factor
+        # Sequence inputs: target tokens, fixed positions; the sources' voxels on the token grid.
         self.token_embed = PatchEmbed(vocab_size, hidden_dim, patch_size, code_vectors)
-        self.source_embed = PatchEmbed(vocab_size, hidden_dim, patch_size, code_vectors)
-        self.source_modality_embed = nn.Embedding(num_modalities, hidden_dim)
-        self.source_mixer = MLP(hidden_dim, hidden_dim, dropout)
-        self.no_source = nn.Parameter(torch.zeros(hidden_dim))
         self.pos_embed = SinCosPosEmbed(hidden_dim, [n // patch_size for n in self.latent_shape])
         self.drop = nn.Dropout(dropout)
+        source_channels = token_dim or source_dim
+        self.source_encoder = SourceEncoder(num_modalities, source_factor, source_channels, source_encoder)
         # Token-resolution path (optional): per-token features in, merged into patches, and a skip to the head.
-        self.token_stem = TokenStem(vocab_size, token_dim, num_modalities, code_vectors) if token_dim else None
-        self.token_merge = nn.Linear(patch_size**3 * token_dim, hidden_dim) if token_dim else None
+        # Without it, the sources' features are merged into the patches directly.
+        self.token_stem = TokenStem(vocab_size, token_dim, code_vectors) if token_dim else None
+        self.token_merge = nn.Linear(patch_size**3 * source_channels, hidden_dim)
         # Conditioning vector c: which modality to produce, and the class (last row: null class).
         self.target_modality_embed = nn.Embedding(num_modalities, hidden_dim)
         self.class_embed = nn.Embedding(num_classes + 1, hidden_dim) if num_classes > 0 else None
@@ -561,7 +615,8 @@ class TransformerDecoder(nn.Module):
         Args:
             tokens: ``Long[B, h, w, d]``, target tokens with the mask id ``vocab_size`` where unknown.
             target_modality: ``Long[B]``, the modality to produce.
-            sources: ``Long[B, S, h, w, d]``, token grids of up to ``S`` source modalities on the target's grid.
+            sources: ``Float[B, S, h*f, w*f, d*f]``, the voxels of up to ``S`` source images on the target's grid
+                (``f``: ``source_factor``), preprocessed as the tokenizer's input.
             source_modalities: ``Long[B, S]``, the modality of each slot; ``-1`` marks an absent slot, so every
                 sample of a batch may have its own subset of sources.
             class_label: ``Long[B]`` or None (null class); only with ``num_classes > 0``.
@@ -585,16 +640,20 @@ class TransformerDecoder(nn.Module):
     ) -> Conditioning:
         """What the conditions add to a call (arguments as in ``forward``), computed once: ``MaskGiTSampler``
         reuses it over its steps, in which only the target tokens change."""
-        source_patches = self._embed_sources(sources, source_modalities, drop_condition)
-        source_tokens = None
-        if self.token_stem is not None:
-            kept = source_modalities  # sources dropped for classifier-free guidance count as absent
+        kept = source_modalities  # sources dropped for classifier-free guidance count as absent
+        if sources is not None:
+            self._check_sources(sources, source_modalities)
             if kept is not None and drop_condition is not None:
                 kept = kept.masked_fill(drop_condition[:, None], -1)
-            source_tokens = self.token_stem.embed_sources(sources, kept)
-        return Conditioning(
-            self._embed_condition(target_modality, class_label, drop_condition), source_patches, source_tokens
-        )
+        source_features = self.source_encoder(sources, kept)
+        c = self._embed_condition(target_modality, class_label, drop_condition)
+        if self.token_stem is not None:
+            return Conditioning(c, torch.zeros((), device=c.device), source_features)
+        if source_features.ndim == 1:  # no source: the learned vector at every token of every patch
+            source_patches = self.token_merge(source_features.repeat(self.patch_size**3))
+        else:
+            source_patches = self.token_merge(patchify_features(source_features.movedim(-1, 1), self.patch_size))
+        return Conditioning(c, source_patches, None)
 
     def logits(
         self, tokens: torch.Tensor, conditioning: Conditioning, where: torch.Tensor | None = None
@@ -607,7 +666,7 @@ class TransformerDecoder(nn.Module):
         self._check_grid(tokens)
         x = self.token_embed(tokens) + conditioning.source_patches
         skip = None
-        if self.token_stem is not None and self.token_merge is not None and conditioning.source_tokens is not None:
+        if self.token_stem is not None and conditioning.source_tokens is not None:
             skip = self.token_stem(tokens, conditioning.source_tokens)
             x = x + self.token_merge(patchify_features(skip, self.patch_size))
         x = self.drop(self.pos_embed(x))
@@ -622,32 +681,16 @@ class TransformerDecoder(nn.Module):
         if tuple(tokens.shape[1:]) != self.latent_shape:
             raise ValueError(f"tokens grid {tuple(tokens.shape[1:])} differs from latent_shape {self.latent_shape}")
 
-    def _embed_sources(
-        self,
-        sources: torch.Tensor | None,
-        source_modalities: torch.Tensor | None,
-        drop_condition: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Mean over the present sources of ``mixer(embed(source) + modality)`` → ``[B, L, D]`` (or ``[D]``)."""
-        if sources is None:
-            return self.no_source
+    def _check_sources(self, sources: torch.Tensor, source_modalities: torch.Tensor | None) -> None:
         if source_modalities is None or source_modalities.shape != sources.shape[:2]:
             shape = None if source_modalities is None else tuple(source_modalities.shape)
             raise ValueError(f"source_modalities must have shape {tuple(sources.shape[:2])} [B, S], got {shape}")
-        if tuple(sources.shape[2:]) != self.latent_shape:
+        voxels = tuple(n * self.source_factor for n in self.latent_shape)
+        if sources.ndim != 5 or tuple(sources.shape[2:]) != voxels:
             raise ValueError(
-                f"source grid shape {tuple(sources.shape[2:])} differs from target grid shape {self.latent_shape}"
+                f"sources must be voxel grids [B, S, *{list(voxels)}] (the token grid {list(self.latent_shape)} times "
+                f"source_factor {self.source_factor}), got shape {tuple(sources.shape)}"
             )
-        present = source_modalities >= 0
-        if drop_condition is not None:
-            present = present & ~drop_condition[:, None]
-        b, s = present.shape
-        grids = sources.where(present[:, :, None, None, None], 0).flatten(0, 1)
-        x = self.source_embed(grids).unflatten(0, (b, s))
-        x = self.source_mixer(x + self.source_modality_embed(source_modalities.clamp(min=0))[:, :, None])
-        count = present.sum(dim=1)
-        mean = (x * present[:, :, None, None].to(x.dtype)).sum(dim=1) / count.clamp(min=1)[:, None, None]
-        return torch.where((count > 0)[:, None, None], mean, self.no_source)
 
     def _embed_condition(
         self, target_modality: torch.Tensor, class_label: torch.Tensor | None, drop_condition: torch.Tensor | None

@@ -36,8 +36,18 @@ TRANSFORMER = REPO / "bundles" / "maskgit_transformer"
 
 HELD_OUT = "<scored case folders>"
 PROD9_SECONDS = "<prod9 training seconds>"  # the peer's budget: stage 1 + stage 2 training, once they have run
-PROD9_TRAINING = ("stage1_train", "stage2_train")
+PROD9_TRAINING = ("stage1_train", "stage2_train", "stage2_train_decoder")
 TASKS = {"t2_from_t1": ("t2", ["t1"]), "flair_from_t1_t1ce_t2": ("flair", ["t1", "t1ce", "t2"])}
+# The synthesis rows of the report, each an inference run: name -> inference.json overrides. ``token_swap`` decodes
+# each case with another case's codes (its input list starts with the last case again, named "donor").
+ROWS = {
+    "mean": ["--decode_mode", "mean"],
+    "sample": ["--decode_mode", "sample", "--num_samples", "1"],
+    "mean_of_4_samples": ["--decode_mode", "sample", "--num_samples", "4"],
+    "mean_stage1_decoder": ["--decode_mode", "mean", "--use_source_decoder", "false"],
+    "token_swap": ["--decode_mode", "mean", "--swap_codes", "true"],
+}
+DONOR_FIRST = "<scored case folders, last one first>"
 
 # --smoke: every network and run as small as the chain allows (a few minutes on 2 cores).
 SMOKE_AUTOENCODER = [
@@ -55,6 +65,7 @@ SMOKE_TRANSFORMER = [
     "--val_interval", "2",
     "--sampler#steps", "4",
 ]  # fmt: skip
+SMOKE_DECODER = ["--decoder_epochs", "1", "--decoder_channels", "4"]
 
 
 @dataclass
@@ -174,10 +185,23 @@ def build_steps(
             resume_dir=tr / "models",
         )
     )
+    decoder_extra = SMOKE_DECODER if smoke else []
+    steps.append(
+        Step(
+            "stage2_train_decoder",
+            _bundle_run(
+                TRANSFORMER, ["train.json", "demo.json", "train_decoder.json"], *data, *stage1, *tr_dirs, *tr_extra,
+                *decoder_extra,
+            ),
+            TRANSFORMER,
+            resume_dir=tr / "models" / "source_decoder",
+        )
+    )  # fmt: skip
+    decoder_args = ["--decoder_channels", SMOKE_DECODER[-1]] if smoke else []
     for task, (target, sources) in TASKS.items():
         task_args = ["--val_target_modality", target, "--val_source_modalities", _list(sources)]
         evaluate = ["--ckpt_dir", str(tr / "models"), "--output_dir", str(tr / f"evaluate_{task}"), *task_args]
-        evaluate += ["--split", split]
+        evaluate += ["--split", split, *decoder_args]
         evaluate += tr_extra
         steps.append(
             Step(
@@ -186,19 +210,29 @@ def build_steps(
                 TRANSFORMER,
             )
         )
-        infer = ["--ckpt_dir", str(tr / "models"), "--output_dir", str(out / "synthesis" / task)]
-        infer += ["--target_modality", target, "--source_modalities", _list(sources), "--overwrite", "true"]
-        infer += ["--input_files", HELD_OUT]  # the scored case folders, listed once the data exist
-        steps.append(
-            Step(
-                f"stage2_synthesise_{task}",
-                _bundle_run(TRANSFORMER, ["inference.json", "demo.json"], *data, *stage1, *infer, *tr_extra),
-                TRANSFORMER,
+        for row, row_args in ROWS.items():
+            infer = ["--ckpt_dir", str(tr / "models"), "--output_dir", str(out / "synthesis" / task / row)]
+            infer += ["--target_modality", target, "--source_modalities", _list(sources), "--overwrite", "true"]
+            infer += ["--input_files", DONOR_FIRST if row == "token_swap" else HELD_OUT, *row_args, *decoder_args]
+            steps.append(
+                Step(
+                    f"stage2_synthesise_{task}_{row}",
+                    _bundle_run(TRANSFORMER, ["inference.json", "demo.json"], *data, *stage1, *infer, *tr_extra),
+                    TRANSFORMER,
+                )
             )
-        )
     peer = [sys.executable, "scripts/regression_peer.py", "--dataset_dir", str(dataset_dir)]
     peer += ["--output_dir", str(out / "peer"), "--seconds", PROD9_SECONDS, "--split", split]
     steps.append(Step("peer_regression", peer))
+    for task, (target, sources) in TASKS.items():
+        score = [sys.executable, "scripts/score_synthesis.py", "--dataset_dir", str(dataset_dir), "--split", split]
+        score += ["--target", target, "--sources", _list(sources)]
+        folders = {row: out / "synthesis" / task / row for row in ROWS} | {"peer": out / "peer" / task}
+        for row, folder in folders.items():
+            output = ["--output", str(out / "scores" / task / f"{row}.json")]
+            steps.append(Step(f"score_{task}_{row}", [*score, "--pred_dir", str(folder), *output]))
+        output = ["--output", str(out / "scores" / task / "copy_the_source.json")]
+        steps.append(Step(f"score_{task}_copy_the_source", [*score, "--copy_source", "true", *output]))
     return steps
 
 
@@ -214,11 +248,15 @@ def scored_split(dataset_dir: Path, make_data: bool) -> str:
 
 
 def _scored_folders(step: Step, dataset_dir: Path, split: str) -> Step:
-    """The step with the placeholder ``HELD_OUT`` replaced by the folders of the ``split`` cases."""
+    """The step with the placeholder ``HELD_OUT`` (or ``DONOR_FIRST``) replaced by the folders of the ``split`` cases
+    (for ``DONOR_FIRST``, the last case once more at the front, named ``donor``)."""
     from prod9_ext.data import load_datalist
 
-    cases = _list([str(dataset_dir / case["case"]) for case in load_datalist("brats", dataset_dir, split)])
-    return Step(step.name, [cases if arg == HELD_OUT else arg for arg in step.command], step.cwd, step.resume_dir)
+    datalist = load_datalist("brats", dataset_dir, split)
+    folders = [str(dataset_dir / case["case"]) for case in datalist]
+    donor = {"case": "donor", **{key: str(datalist[-1][key]) for key in ("t1", "t1ce", "t2", "flair")}}
+    lists = {HELD_OUT: _list(folders), DONOR_FIRST: repr([donor, *folders])}
+    return Step(step.name, [lists.get(arg, arg) for arg in step.command], step.cwd, step.resume_dir)
 
 
 def _with_prod9_seconds(step: Step, runner: Runner) -> Step:
@@ -255,7 +293,7 @@ def main(
     steps = build_steps(out, data, make_data, 5 if smoke else num_cases, smoke, split)
     started = time.perf_counter()
     for step in steps:
-        if HELD_OUT in step.command:
+        if HELD_OUT in step.command or DONOR_FIRST in step.command:
             step = _scored_folders(step, data, split)
         if PROD9_SECONDS in step.command:
             step = _with_prod9_seconds(step, runner)

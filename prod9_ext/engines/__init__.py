@@ -6,9 +6,12 @@
   metrics, the inference file list and token files.
 - :mod:`~prod9_ext.engines.stage2_training`: the stage-1 tokenizer stage 2 reads, the token cache, the MaskGiT
   iteration.
+- :mod:`~prod9_ext.engines.decoder_training`: the source-aware decoder's training, saving and loading.
 - :mod:`~prod9_ext.engines.synthesis`: the inferer and iteration that synthesise volumes (validation, evaluation,
   inference), and their metrics; :mod:`~prod9_ext.engines.synthesis_io`: which cases, where the volumes go, sampling
   without sources.
+- :mod:`~prod9_ext.engines.scoring`: the whole-brain scores every synthesis method is reported with (BraSyn's
+  normalisation, PSNR, SSIM inside and outside the tumour, HFEN).
 - :mod:`~prod9_ext.engines.checkpoints`: checkpoints that survive a kill and resume; :mod:`~prod9_ext.engines.handlers`:
   the other handlers and the files they write (metrics, snapshots, run record).
 - :mod:`~prod9_ext.engines.startup`: the one start-up call of each bundle (values, keys, folders, device, seed,
@@ -25,6 +28,12 @@ from prod9_ext.engines.checkpoints import (
     latest_checkpoint,
     load_network_weights,
 )
+from prod9_ext.engines.decoder_training import (
+    SourceDecoderIteration,
+    SourceDecoderSaver,
+    build_source_decoder,
+    load_source_decoder_for,
+)
 from prod9_ext.engines.handlers import (
     AtomicMetricsSaver,
     AtomicNibabelWriter,
@@ -34,6 +43,13 @@ from prod9_ext.engines.handlers import (
     RunRecord,
     VolumeSnapshot,
     save_mid_slices,
+)
+from prod9_ext.engines.scoring import (
+    brain_mask,
+    brasyn_normalise,
+    closest_source,
+    hfen,
+    score_synthesis,
 )
 from prod9_ext.engines.stage1_inference import (
     AutoencoderSlidingWindowInferer,
@@ -51,6 +67,7 @@ from prod9_ext.engines.stage1_training import (
 from prod9_ext.engines.stage2_training import (
     MaskGiTIteration,
     Stage1Tokenizer,
+    TokenVoxelCropd,
     load_stage1_tokenizer,
     modality_ids,
     num_classes,
@@ -71,7 +88,13 @@ from prod9_ext.engines.synthesis import (
     synthesis_iteration,
     with_region,
 )
-from prod9_ext.engines.synthesis_io import SaveSynthesisd, case_meta, generate_volumes, synthesis_datalist
+from prod9_ext.engines.synthesis_io import (
+    SaveSynthesisd,
+    case_meta,
+    generate_volumes,
+    synthesis_datalist,
+    synthesis_output_path,
+)
 
 __all__ = [
     "AtomicCheckpointSaver",
@@ -92,29 +115,40 @@ __all__ = [
     "SaveSynthesisd",
     "SaveTokensd",
     "SeparableSSIMLoss",
+    "SourceDecoderIteration",
+    "SourceDecoderSaver",
     "StackModalities",
     "Stage1Tokenizer",
     "SynthesisInferer",
     "TokenAccuracyMetric",
+    "TokenVoxelCropd",
     "VolumeSnapshot",
     "amp_enabled",
     "autoencoder_eval_iteration",
     "bf16_is_fast",
+    "brain_mask",
+    "brasyn_normalise",
     "build_perceptual_loss",
+    "build_source_decoder",
     "case_meta",
     "check_stage2_setup",
+    "closest_source",
     "generate_volumes",
+    "hfen",
     "inference_datalist",
     "latest_checkpoint",
     "load_network_weights",
+    "load_source_decoder_for",
     "load_stage1_tokenizer",
     "modality_ids",
     "num_classes",
     "pretokenize",
     "save_mid_slices",
+    "score_synthesis",
     "start_stage1",
     "start_stage2",
     "synthesis_datalist",
     "synthesis_iteration",
+    "synthesis_output_path",
     "with_region",
 ]

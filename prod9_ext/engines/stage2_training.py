@@ -6,8 +6,10 @@ How stage 2 trains, in order:
    weights. The ``maskgit_transformer`` bundle never redefines the autoencoder: it reads ``network_def``,
    ``roi_size`` and ``sw_overlap`` from the same list of files (overlays included) that stage 1 was trained with.
    :func:`~prod9_ext.engines.startup.check_stage2_setup` checks at start-up that the two stages fit together.
-2. :func:`pretokenize` encodes every training case once and caches the token grids on disk.
-3. :class:`MaskGiTIteration` (``iteration_update``) draws a target and its sources per sample, masks the target's
+2. :func:`pretokenize` encodes every training case once and caches the token grids on disk, with the preprocessed
+   voxels beside them (the sources reach stage 2 and the source-aware decoder at voxel resolution).
+3. :class:`TokenVoxelCropd` crops the same random window from both, read from memory-mapped files.
+4. :class:`MaskGiTIteration` (``iteration_update``) draws a target and its sources per sample, masks the target's
    tokens and steps the transformer.
 
 Neighbours: validation, ``evaluate.json``, ``inference.json`` and ``generate.json`` synthesise volumes with
@@ -20,7 +22,9 @@ Each case is preprocessed once (no random crop: the whole foreground box, zero-p
 ROI), all its modalities from the same crop, and encoded through the sliding-window tokenizer into *quantized*
 token grids. The cache lives in ``<cache_dir>/<fingerprint>/<case>.npz``; the fingerprint hashes the stage-1
 weights with the settings that make the tokens, so a new stage-1 model (or another pixdim, ROI, modality list)
-writes a new folder instead of reusing stale tokens, and a stage-2 change reuses them.
+writes a new folder instead of reusing stale tokens, and a stage-2 change reuses them. Beside each case's tokens,
+``<case>.voxels.npy`` holds its preprocessed images (float16, ``[M, h*f, w*f, d*f]``, zero-padded to the token grid);
+training memory-maps it, so a split of any size stays on disk.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,16 +43,25 @@ import torch
 from monai.bundle import ConfigParser
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
+from monai.transforms import MapTransform, Randomizable
 from monai.utils import CommonKeys as Keys
 
-from prod9_ext.atomic import atomic_save_npz
+from prod9_ext.atomic import atomic_output, atomic_save_npz
 from prod9_ext.autoencoder import AutoencoderFSQ
 from prod9_ext.data.brats import check_modalities, modality_id
 from prod9_ext.engines.checkpoints import load_network_weights
 from prod9_ext.maskgit import MaskGiTScheduler
 from prod9_ext.sliding_window import AutoencoderInferenceWrapper, SlidingWindowConfig
 
-__all__ = ["MaskGiTIteration", "Stage1Tokenizer", "load_stage1_tokenizer", "modality_ids", "num_classes", "pretokenize"]
+__all__ = [
+    "MaskGiTIteration",
+    "Stage1Tokenizer",
+    "TokenVoxelCropd",
+    "load_stage1_tokenizer",
+    "modality_ids",
+    "num_classes",
+    "pretokenize",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +225,8 @@ def pretokenize(
 
     Returns:
         One dict per case: ``case`` (name), ``tokens`` (``int16 [M, h, w, d]``, int32 above 32768 codes;
-        M = ``len(image_keys)``) and ``label`` when the case has one (MedMNIST class).
+        M = ``len(image_keys)``), ``voxels`` (the preprocessed images, ``float16 [M, h*f, w*f, d*f]``, memory-mapped)
+        and ``label`` when the case has one (MedMNIST class).
     """
     recipe = json.dumps({"keys": list(image_keys), "amp": amp, **(settings or {})}, sort_keys=True, default=str)
     folder = Path(cache_dir) / f"{tokenizer.fingerprint}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
@@ -221,25 +235,78 @@ def pretokenize(
     entries, encoded = [], 0
     for index, item in enumerate(datalist):
         name = _case_name(dict(item), index, name_prefix)
-        path = folder / f"{name}.npz"
-        if not path.is_file():
+        path, voxel_path = folder / f"{name}.npz", folder / f"{name}.voxels.npy"
+        if not path.is_file() or not voxel_path.is_file():
             data = preprocessing(dict(item))
             images = torch.stack([torch.as_tensor(data[key]).float() for key in image_keys]).to(device)
-            with torch.autocast(device.type, enabled=amp, dtype=torch.bfloat16):
-                indices = tokenizer.wrapper.encode_to_indices(images)  # [M, h, w, d]
-            dtype = np.int16 if tokenizer.codebook_size <= 1 << 15 else np.int32
-            arrays: dict[str, np.ndarray] = {"tokens": indices.cpu().numpy().astype(dtype)}
-            if "label" in data:
-                arrays["label"] = np.asarray(data["label"]).reshape(-1)[:1].astype(np.int64)
-            atomic_save_npz(path, arrays)
-            encoded += 1
+            if not path.is_file():
+                with torch.autocast(device.type, enabled=amp, dtype=torch.bfloat16):
+                    indices = tokenizer.wrapper.encode_to_indices(images)  # [M, h, w, d]
+                dtype = np.int16 if tokenizer.codebook_size <= 1 << 15 else np.int32
+                arrays: dict[str, np.ndarray] = {"tokens": indices.cpu().numpy().astype(dtype)}
+                if "label" in data:
+                    arrays["label"] = np.asarray(data["label"]).reshape(-1)[:1].astype(np.int64)
+                atomic_save_npz(path, arrays)
+                encoded += 1
+            padding = [(0, 0)] + [
+                (0, n * tokenizer.downsampling_factor - s)
+                for n, s in zip(tokenizer.grid_shape(images.shape[2:]), images.shape[2:], strict=True)
+            ]
+            voxels = np.pad(images[:, 0].cpu().numpy().astype(np.float16), padding)
+            with atomic_output(voxel_path) as temporary, open(temporary, "wb") as file:
+                np.save(file, voxels)
         with np.load(path) as cached:
             entry: dict[str, Any] = {"case": name, "tokens": cached["tokens"]}
             if "label" in cached:
                 entry["label"] = int(cached["label"][0])
+        entry["voxels"] = np.load(voxel_path, mmap_mode="r")
         entries.append(entry)
     logger.info("Token cache %s: %d cases encoded now, %d reused.", folder, encoded, len(entries) - encoded)
     return entries
+
+
+class TokenVoxelCropd(Randomizable, MapTransform):
+    """The same random window of a case's token grids and of its voxels: ``tokens`` ``[M, h, w, d]`` cropped to
+    ``roi_size`` tokens, ``voxels`` ``[M, h*f, w*f, d*f]`` to the ``factor`` times larger box at the same place.
+
+    The voxels may be a memory-mapped array (the token cache's): only the window is read, as float32.
+
+    Args:
+        roi_size: the window, in tokens (the stage-2 ``latent_shape``).
+        factor: voxels per token along each axis (stage 1's downsampling factor).
+        tokens_key, voxels_key: the keys of the two arrays.
+    """
+
+    def __init__(
+        self, roi_size: Sequence[int], factor: int, tokens_key: str = "tokens", voxels_key: str = "voxels"
+    ) -> None:
+        MapTransform.__init__(self, [tokens_key, voxels_key])
+        self.roi_size = [int(n) for n in roi_size]
+        self.factor = int(factor)
+        self.tokens_key, self.voxels_key = tokens_key, voxels_key
+        self._start: list[int] = []
+
+    def randomize(self, grid: Sequence[int]) -> None:
+        self._start = [int(self.R.randint(0, n - r + 1)) for n, r in zip(grid, self.roi_size, strict=True)]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        tokens, voxels = d[self.tokens_key], d[self.voxels_key]
+        grid = tuple(tokens.shape[1:])
+        if tuple(voxels.shape[1:]) != tuple(n * self.factor for n in grid):
+            raise ValueError(
+                f"voxels {tuple(voxels.shape)} do not cover tokens {tuple(tokens.shape)} at factor {self.factor}"
+            )
+        if any(n < r for n, r in zip(grid, self.roi_size, strict=True)):
+            raise ValueError(f"token grid {list(grid)} is smaller than the crop {self.roi_size}")
+        self.randomize(grid)
+        token_box = tuple(slice(s, s + r) for s, r in zip(self._start, self.roi_size, strict=True))
+        voxel_box = tuple(
+            slice(s * self.factor, (s + r) * self.factor) for s, r in zip(self._start, self.roi_size, strict=True)
+        )
+        d[self.tokens_key] = torch.as_tensor(np.ascontiguousarray(tokens[(slice(None), *token_box)]))
+        d[self.voxels_key] = torch.from_numpy(np.asarray(voxels[(slice(None), *voxel_box)], dtype=np.float32))
+        return d
 
 
 def num_classes(dataset: str, medmnist_flag: str) -> int:
@@ -263,8 +330,9 @@ def modality_ids(dataset: str, modalities: Sequence[str]) -> list[int]:
 class MaskGiTIteration:
     """``iteration_update`` of the stage-2 trainer.
 
-    The batch holds ``tokens`` ``[B, M, h, w, d]`` (one token grid per image slot, all from the same crop) and,
-    for class-conditional data, ``label``. Per sample, one slot is drawn as the target (among
+    The batch holds ``tokens`` ``[B, M, h, w, d]`` (one token grid per image slot, all from the same crop),
+    ``voxels`` ``[B, M, h*f, w*f, d*f]`` (the same crop's images: the sources the model reads) and, for
+    class-conditional data, ``label``. Per sample, one slot is drawn as the target (among
     ``target_modalities``); the other slots are its sources, each dropped independently by the scheduler, so
     every subset of sources is trained; the target's tokens are masked through the schedule and the loss is the
     cross-entropy on masked tokens. With probability ``cond_drop_prob`` a sample also loses its sources and class
@@ -294,12 +362,13 @@ class MaskGiTIteration:
         self.max_grad_norm = max_grad_norm
 
     def conditions(
-        self, tokens: torch.Tensor, generator: torch.Generator | None = None
+        self, tokens: torch.Tensor, voxels: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Draw a target slot per sample: ``(target_tokens, target_modality, sources, source_modalities)``.
 
-        ``tokens`` is ``Long[B, M, h, w, d]``; sources are all M slots with the target's and the dropped ones
-        marked absent (-1), or None when there is a single slot.
+        ``tokens`` is ``Long[B, M, h, w, d]`` and ``voxels`` ``[B, M, h*f, w*f, d*f]``; the sources are all M voxel
+        slots with the target's and the dropped ones marked absent (-1; the model zeroes absent slots before reading
+        them), or None when there is a single slot.
         """
         b, m = tokens.shape[:2]
         device = tokens.device
@@ -312,14 +381,15 @@ class MaskGiTIteration:
         source_modalities = slot_modalities.expand(b, m).clone()
         source_modalities[torch.arange(b, device=device), target_slot] = -1
         source_modalities = self.scheduler.drop_sources(source_modalities, generator=generator)
-        return target_tokens, slot_modalities[target_slot], tokens, source_modalities
+        return target_tokens, slot_modalities[target_slot], voxels, source_modalities
 
     def __call__(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
         device = engine.state.device
         tokens = torch.as_tensor(batchdata["tokens"]).to(device, non_blocking=engine.non_blocking).long()
+        voxels = torch.as_tensor(batchdata["voxels"]).to(device, non_blocking=engine.non_blocking).float()
         label = batchdata.get("label")
         class_label = None if label is None else torch.as_tensor(label).to(device).long().reshape(-1)
-        target_tokens, target_modality, sources, source_modalities = self.conditions(tokens)
+        target_tokens, target_modality, sources, source_modalities = self.conditions(tokens, voxels)
         masked, targets = self.scheduler.mask(target_tokens)
         drop = self.scheduler.drop_condition(tokens.shape[0], device=device)
 

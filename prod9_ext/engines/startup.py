@@ -102,7 +102,7 @@ STAGE1_RUNS: dict[str, RunChecks] = {
             "adv_warmup_iterations",
             "early_stop_patience",
         ),
-        numbers=("learning_rate", "d_learning_rate", "ssim_weight", "adv_weight", "perceptual_weight", "cache_rate"),
+        numbers=("learning_rate", "d_learning_rate", "ssim_weight", "adv_weight", "perceptual_weight"),
         folders={"ckpt_dir": _CHECKPOINTS, "output_dir": ("events.out.tfevents.*", "reconstruction_epoch*.png")},
         resumable=True,
     ),
@@ -115,13 +115,23 @@ STAGE2_RUNS: dict[str, RunChecks] = {
     "train": RunChecks(
         positive=("max_epochs", "val_interval", "batch_size", "sampler#steps"),
         counts=("seed", "num_workers", "val_num_cases", "warmup_iterations", "early_stop_patience"),
-        numbers=("learning_rate", "weight_decay", "max_grad_norm", "cache_rate"),
+        numbers=("learning_rate", "weight_decay", "max_grad_norm"),
         folders={"ckpt_dir": _CHECKPOINTS, "output_dir": ("events.out.tfevents.*", "synthesis_epoch*.png")},
         resumable=True,
         fits_stage1=True,
     ),
+    "train_decoder": RunChecks(
+        positive=("decoder_epochs", "decoder_batch_size", "decoder_channels"),
+        counts=("seed", "num_workers"),
+        numbers=("decoder_learning_rate", "decoder_ssim_weight", "decoder_expected_prob", "decoder_corrupt_max"),
+        folders={"decoder_ckpt_dir": _CHECKPOINTS},
+        resumable=True,
+        fits_stage1=True,
+    ),
     "evaluate": RunChecks(positive=("sampler#steps",), folders={"output_dir": _METRICS}, fits_stage1=True),
-    "inference": RunChecks(positive=("sampler#steps",), counts=("seed", "num_workers"), fits_stage1=True),
+    "inference": RunChecks(
+        positive=("sampler#steps", "num_samples"), counts=("seed", "num_workers"), fits_stage1=True
+    ),
     "generate": RunChecks(positive=("sampler#steps",), counts=("seed", "num_workers")),
 }
 """The checks of each ``maskgit_transformer`` workflow (inference and generate also check ``target_modality``)."""
@@ -154,7 +164,7 @@ def start_stage2(workflow: str = "train") -> None:
     parser = running_config()
     checks = _workflow_checks(STAGE2_RUNS, workflow)
     value = _Reader(parser)
-    validating = workflow in ("train", "evaluate")  # their task is the validation's: val_target_modality, ...
+    validating = workflow in ("train", "train_decoder", "evaluate")  # their task is the validation's: val_target_modality, ...
     target_key = "val_target_modality" if validating else "target_modality"
     used = {"dataset", target_key, "modalities" if validating else "source_modalities"}
     _begin(parser, value, checks, used | ({"tokenizer", "network_def", "roi_size"} if checks.fits_stage1 else set()))

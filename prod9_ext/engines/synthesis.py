@@ -44,6 +44,7 @@ from prod9_ext.data.brats import modality_id
 from prod9_ext.engines.stage1_training import unwrap_parallel
 from prod9_ext.engines.stage2_training import Stage1Tokenizer
 from prod9_ext.maskgit import MaskGiTSampler
+from prod9_ext.source_decoder import SourceAwareDecoder
 from prod9_ext.transformer import TransformerDecoder
 
 __all__ = [
@@ -112,6 +113,15 @@ class SynthesisInferer(Inferer):
             larger than the ROI (see the module docstring).
         blend_mode: weights of the windows' expected codes where they overlap (``decode="mean"``): ``"gaussian"``
             (centres count most) or ``"constant"``.
+        source_decoder: a :class:`~prod9_ext.source_decoder.SourceAwareDecoder` that decodes the target's codes
+            with the present sources' voxels (windowed like stage 1's decoder); None: stage 1's decoder.
+        swap_codes: an ablation that shows what the tokens contribute: each item is decoded with its own sources but
+            with the codes synthesised for the *previous* item of the run (centred on this item's token grid, edges
+            replicated); the first item keeps its own. Give the run its last case first as well (a donor), and
+            every case is decoded with another case's codes.
+        num_samples: ``K`` MaskGiT samples per item (``decode="sample"``); ``pred`` is their voxel-wise mean and
+            ``pred_std`` their standard deviation (``K > 1``). Sample ``k`` continues the item's generator, so the
+            first sample is the one ``K = 1`` gives.
 
     Output of :meth:`synthesize`: ``pred`` (synthesised image, ``[B, 1, *spatial]`` in [0, 1], the input's shape),
     ``tokens`` (the sampled grid of the image padded to at least the ROI; with ``decode="mean"`` the index of the
@@ -130,8 +140,13 @@ class SynthesisInferer(Inferer):
         decode: str = "sample",
         overlap: float = 0.5,
         blend_mode: str = "gaussian",
+        source_decoder: SourceAwareDecoder | None = None,
+        num_samples: int = 1,
+        swap_codes: bool = False,
     ) -> None:
         super().__init__()
+        if num_samples < 1 or (num_samples > 1 and decode != "sample"):
+            raise ValueError(f"num_samples must be >= 1, and 1 unless decode is 'sample'; got {num_samples}")
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {list(DECODE_MODES)}, got {decode!r}")
         if not 0.0 <= overlap < 1.0:
@@ -152,11 +167,16 @@ class SynthesisInferer(Inferer):
         self.decode = decode
         self.overlap = overlap
         self.blend_mode = blend_mode
+        self.source_decoder = source_decoder
+        self.num_samples = num_samples
+        self.swap_codes = swap_codes
         self._item = 0
+        self._previous_codes: list[torch.Tensor] = []
 
     def reset(self) -> None:
         """Start a run: the next item samples with ``seed`` again."""
         self._item = 0
+        self._previous_codes = []
 
     @torch.no_grad()
     def synthesize(self, batch: dict[str, Any], network: nn.Module, device: torch.device) -> dict[str, torch.Tensor]:
@@ -176,19 +196,29 @@ class SynthesisInferer(Inferer):
         padding = [width for margin in reversed(margins) for width in margin]  # F.pad order: last axis first
         padded = [n + before + after for n, (before, after) in zip(spatial, margins, strict=True)]
         grid = self.tokenizer.grid_shape(padded)
+        factor = self.tokenizer.downsampling_factor
+        # Far-end zeros up to whole tokens, so the sources' voxels tile the token grid exactly.
+        to_grid = [
+            width for n, g in zip(reversed(padded), reversed(grid), strict=True) for width in (0, g * factor - n)
+        ]
         b = reference.shape[0]
-        sources, source_ids = None, None
+        sources, source_ids, images = None, None, []
         if self.source_modalities:
             images = [torch.as_tensor(batch[key]).float().to(device) for key in self.source_modalities]
-            tokenize = self.tokenizer.wrapper.encode_to_indices
-            sources = torch.stack([tokenize(F.pad(image, padding)) for image in images], dim=1)
+            for key, image in zip(self.source_modalities, images, strict=True):
+                if tuple(image.shape[2:]) != spatial:
+                    raise ValueError(
+                        f"source {key!r} has grid {tuple(image.shape[2:])}, the first source {spatial}: resample "
+                        "the sources onto one grid"
+                    )
+            sources = torch.cat([F.pad(F.pad(image, padding), to_grid) for image in images], dim=1)
             ids = [modality_id(key) for key in self.source_modalities]
             source_ids = torch.as_tensor(ids, device=device).expand(b, -1)
         target_ids = torch.full((b,), modality_id(self.target_modality), device=device)
         quantizer = self.tokenizer.wrapper.autoencoder.quantizer
         codebook = quantizer.indices_to_codes(torch.arange(model.vocab_size, device=device))  # [V, C]
         windows = token_windows(grid, model.latent_shape, self.overlap)
-        codes = []
+        decoded, spread, first_tokens = [], [], []
         for i in range(b):  # one generator per item: reproducible whatever the batch size
             item_target = target_ids[i : i + 1]
             conditions = (
@@ -199,19 +229,33 @@ class SynthesisInferer(Inferer):
             seed = self.seed + self._item
             self._item += 1
             if self.decode == "mean":
-                codes.append(self._expected_codes(model, grid, windows, item_target, conditions, codebook))
+                draws = [self._expected_codes(model, grid, windows, item_target, conditions, codebook)]
             else:
                 generator = torch.Generator(device).manual_seed(seed)
-                tokens = self._sampled_tokens(model, grid, windows, item_target, conditions, generator)
-                codes.append(quantizer.indices_to_codes(tokens))
-        target_codes = torch.cat(codes)
-        tokens = quantizer.codes_to_indices(target_codes)
-        # The preprocessed images lie in [0, 1]; the decoder's output may overshoot it slightly.
-        synthesised = self.tokenizer.wrapper.decode(target_codes, padded).float().clamp(0.0, 1.0)
+                draws = [
+                    quantizer.indices_to_codes(
+                        self._sampled_tokens(model, grid, windows, item_target, conditions, generator)
+                    )
+                    for _ in range(self.num_samples)
+                ]
+            if self.swap_codes:
+                own = draws
+                draws = [_centred(self._previous_codes[0], grid) for _ in draws] if self._previous_codes else draws
+                self._previous_codes = own
+            first_tokens.append(quantizer.codes_to_indices(draws[0]))
+            # The preprocessed images lie in [0, 1]; the decoder's output may overshoot it slightly.
+            volumes = torch.cat([self._decode(codes, conditions, item_target, padded) for codes in draws])
+            volumes = volumes.float().clamp(0.0, 1.0)
+            decoded.append(volumes.mean(dim=0, keepdim=True))
+            spread.append(volumes.std(dim=0, keepdim=True) if len(draws) > 1 else torch.zeros_like(decoded[-1]))
+        tokens = torch.cat(first_tokens)
+        synthesised = torch.cat(decoded)
         crop = tuple(slice(before, before + n) for n, (before, _) in zip(spatial, margins, strict=True))
         # A MetaTensor, so that Invertd maps it back to the input's grid with the sources' recorded transforms.
         pred = MetaTensor(synthesised[(..., *crop)].contiguous())
         output: dict[str, torch.Tensor] = {Keys.PRED: pred}
+        if self.num_samples > 1:
+            output["pred_std"] = MetaTensor(torch.cat(spread)[(..., *crop)].contiguous())
         output["tokens"] = tokens
         target = batch.get(self.target_modality)
         if isinstance(target, torch.Tensor):  # inference lists the target's file (when any) but does not load it
@@ -235,7 +279,7 @@ class SynthesisInferer(Inferer):
     ) -> torch.Tensor:
         """Expected FSQ codes ``[1, C, *grid]``: each window's, blended with the window weights where they overlap.
 
-        ``conditions``: the item's source grids ``[1, S, *grid]``, source modality ids and class label (or None).
+        ``conditions``: the item's source images ``[1, S, *grid * f]``, source modality ids and class label (or None).
         """
         sources, source_ids, class_label = conditions
         latent = tuple(model.latent_shape)
@@ -247,7 +291,7 @@ class SynthesisInferer(Inferer):
         total = torch.zeros(1, codebook.shape[1], *grid, device=device)
         weights = torch.zeros(1, 1, *grid, device=device)
         for window in windows:
-            window_sources = None if sources is None else sources[(..., *window)]
+            window_sources = None if sources is None else sources[(..., *self._voxels(window))]
             probs = self.sampler.predict(model, (1, *latent), target_ids, window_sources, source_ids, class_label)
             total[(..., *window)] += weight * (probs @ codebook).transpose(1, 2).reshape(1, -1, *latent)
             weights[(..., *window)] += weight
@@ -270,14 +314,56 @@ class SynthesisInferer(Inferer):
             known = tokens[(slice(None), *window)]
             if not (known == model.vocab_size).any():
                 continue
-            window_sources = None if sources is None else sources[(..., *window)]
+            window_sources = None if sources is None else sources[(..., *self._voxels(window))]
             tokens[(slice(None), *window)] = self.sampler.sample(
                 model, (1, *latent), target_ids, window_sources, source_ids, class_label, generator, known
             )
         return tokens
 
+    def _voxels(self, window: tuple[slice, ...]) -> tuple[slice, ...]:
+        """A window of the token grid as a window of the voxel grid."""
+        factor = self.tokenizer.downsampling_factor
+        return tuple(slice(w.start * factor, w.stop * factor) for w in window)
+
+    def _decode(
+        self,
+        codes: torch.Tensor,
+        conditions: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None],
+        target_ids: torch.Tensor,
+        padded: Sequence[int],
+    ) -> torch.Tensor:
+        """One item's codes ``[1, C, *grid]`` → image ``[1, 1, *padded]``, with the sources' voxels when there is a
+        source-aware decoder."""
+        if self.source_decoder is None:
+            return self.tokenizer.wrapper.decode(codes, padded)
+        sources, source_ids, _ = conditions
+        decoder = self.source_decoder
+        slots = codes.new_zeros(1, decoder.num_modalities, *(n * decoder.factor for n in codes.shape[2:]))
+        present = torch.zeros(1, decoder.num_modalities, dtype=torch.bool, device=codes.device)
+        if sources is not None and source_ids is not None:
+            slots[:, source_ids[0]] = sources[0].to(slots.dtype)
+            present[:, source_ids[0]] = True
+        config = self.tokenizer.wrapper.config
+        image = decoder.decode_windows(codes, slots, present, target_ids, config.roi_size, config.overlap, config.mode)
+        return image[(..., *(slice(0, n) for n in padded))]
+
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError("SynthesisInferer works on whole batches: use synthesis_iteration")
+
+
+def _centred(codes: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """``codes [1, C, *other grid]`` centred on ``grid``: cropped where longer, edge-replicated where shorter."""
+    for axis, size in enumerate(grid, start=2):
+        extra = size - codes.shape[axis]
+        if extra < 0:
+            start = -extra // 2
+            codes = codes.narrow(axis, start, size)
+        elif extra > 0:
+            widths = [0, 0] * (codes.ndim - 2)
+            position = 2 * (codes.ndim - 1 - axis)  # F.pad lists the last axis first
+            widths[position : position + 2] = [extra // 2, extra - extra // 2]
+            codes = F.pad(codes, widths, mode="replicate")
+    return codes
 
 
 def synthesis_iteration(

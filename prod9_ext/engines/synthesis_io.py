@@ -174,19 +174,26 @@ def write_nifti(path: str | os.PathLike, image: torch.Tensor, affine: Any) -> No
 class SaveSynthesisd(MapTransform):
     """Postprocessing transform: write each synthesised volume as ``<output_dir>/<case>_<target>_synth.nii.gz``.
 
-    Put it after ``Invertd``, so the image is on the input file's grid and its affine is the input's.
+    Put it after ``Invertd``, so the image is on the input file's grid and its affine is the input's. Keys after
+    the first are written beside it, named by what follows ``pred_``: ``pred_std`` (the voxel-wise standard
+    deviation of several samples) as ``<case>_<target>_synth_std.nii.gz``.
 
     Args:
-        keys: key of the synthesised image (``[1, *spatial]``; its affine from its metadata or ``<key>_meta_dict``).
+        keys: key(s) of the synthesised image(s) (``[1, *spatial]``; affine from the metadata or ``<key>_meta_dict``).
         output_dir: folder of the outputs (created when missing).
         target_modality: part of the file name.
         case_key: key of the case name in the (merged batch and output) item.
     """
 
     def __init__(
-        self, keys: KeysCollection, output_dir: str | os.PathLike, target_modality: str, case_key: str = "case"
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike,
+        target_modality: str,
+        case_key: str = "case",
+        allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys)
+        super().__init__(keys, allow_missing_keys)
         self.output_dir = output_dir
         self.target_modality = target_modality
         self.case_key = case_key
@@ -198,8 +205,10 @@ class SaveSynthesisd(MapTransform):
             meta = image.meta if isinstance(image, MetaTensor) else d.get(f"{key}_meta_dict", {})
             if "affine" not in meta:
                 raise ValueError(f"{key!r} carries no affine: put SaveSynthesisd after Invertd")
-            case = str(d[self.case_key])
-            write_nifti(synthesis_output_path(self.output_dir, case, self.target_modality), image, meta["affine"])
+            path = synthesis_output_path(self.output_dir, str(d[self.case_key]), self.target_modality)
+            if key != self.keys[0]:
+                path = path.with_name(path.name.replace("_synth.", f"_synth_{str(key).removeprefix('pred_')}."))
+            write_nifti(path, image, meta["affine"])
         return d
 
 
