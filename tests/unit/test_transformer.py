@@ -1,7 +1,11 @@
-"""TransformerDecoder, AdaLNZeroBlock and SinCosPosEmbed: shapes, init, token order and conditioning."""
+"""TransformerDecoder, AdaLNZeroBlock, SinCosPosEmbed and SourceEncoder: shapes, init, token order and conditioning.
+
+The sources are voxel images on the target's token grid times ``FACTOR`` (the stage-1 downsampling factor).
+"""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -11,14 +15,19 @@ import torch.nn.functional as F
 from prod9_ext.transformer import (
     AdaLNZeroBlock,
     SinCosPosEmbed,
+    SourceEncoder,
     TransformerDecoder,
     conv3d_onednn,
+    depth_to_space,
     patchify,
+    space_to_depth,
     unpatchify,
     with_level_term,
 )
 
 V = 12
+FACTOR = 2  # voxels per token along each axis
+ENCODERS = ["space_to_depth", "conv"]
 
 
 def _model(
@@ -28,6 +37,7 @@ def _model(
     randomize: bool = True,
     fsq_levels=None,
     token_dim: int = 0,
+    source_encoder: str = "space_to_depth",
 ) -> TransformerDecoder:
     """A tiny model; ``randomize`` replaces the zero-initialised gates and head so that every input matters."""
     torch.manual_seed(0)
@@ -43,6 +53,8 @@ def _model(
         patch_size=patch_size,
         fsq_levels=fsq_levels,
         token_dim=token_dim,
+        source_factor=FACTOR,
+        source_encoder=source_encoder,
     ).eval()
     if randomize:
         with torch.no_grad():
@@ -56,11 +68,16 @@ def _tokens(batch: int, shape=(4, 4, 4), masked: bool = True) -> torch.Tensor:
     return torch.randint(0, V + int(masked), (batch, *shape))
 
 
+def _voxels(batch: int, shape=(4, 4, 4), slots: int = 1) -> torch.Tensor:
+    """Source images ``[batch, slots, *shape * FACTOR]`` in [0, 1], as the preprocessing gives them."""
+    return torch.rand(batch, slots, *(n * FACTOR for n in shape))
+
+
 @pytest.mark.parametrize("token_dim", [0, 8])
 @pytest.mark.parametrize(("shape", "patch_size"), [((4, 4, 4), 1), ((8, 8, 8), 2), ((4, 6, 4), 2), ((3, 5, 2), 1)])
 def test_output_shape(shape: tuple[int, int, int], patch_size: int, token_dim: int) -> None:
     model = _model(shape, patch_size, randomize=False, token_dim=token_dim)
-    sources = _tokens(2, shape, masked=False)[:, None]
+    sources = _voxels(2, shape)
     logits = model(_tokens(2, shape), torch.tensor([1, 3]), sources, torch.tensor([[0], [2]]))
     assert logits.shape == (2, math.prod(shape), V)
     assert torch.all(logits == 0)  # zero-initialised head: the first prediction is uniform
@@ -127,37 +144,86 @@ def test_target_modality_changes_logits(token_dim: int) -> None:
     assert not torch.allclose(model(tokens, torch.tensor([0])), model(tokens, torch.tensor([3])))
 
 
+@pytest.mark.parametrize("source_encoder", ENCODERS)
 @pytest.mark.parametrize("token_dim", [0, 8])
-def test_sources_and_class_change_logits(token_dim: int) -> None:
-    model = _model(num_classes=3, token_dim=token_dim)
+def test_sources_and_class_change_logits(token_dim: int, source_encoder: str) -> None:
+    model = _model(num_classes=3, token_dim=token_dim, source_encoder=source_encoder)
     tokens, target = _tokens(1), torch.tensor([1])
-    sources = _tokens(1, masked=False)[:, None]
+    sources = _voxels(1)
     plain = model(tokens, target)
     assert not torch.allclose(plain, model(tokens, target, sources, torch.tensor([[0]])))
     assert not torch.allclose(plain, model(tokens, target, class_label=torch.tensor([2])))
 
 
+@pytest.mark.parametrize("source_encoder", ENCODERS)
 @pytest.mark.parametrize("token_dim", [0, 8])
-def test_missing_source_slot_equals_not_passing_it(token_dim: int) -> None:
-    model = _model(token_dim=token_dim)
+def test_missing_source_slot_equals_not_passing_it(token_dim: int, source_encoder: str) -> None:
+    model = _model(token_dim=token_dim, source_encoder=source_encoder)
     tokens, target = _tokens(2), torch.tensor([3, 3])
-    t1, t2, junk = (_tokens(2, masked=False) for _ in range(3))
+    t1, t2, junk = (_voxels(2)[:, 0] for _ in range(3))
     both = torch.stack([t1, t2], dim=1)
     with_gap = model(tokens, target, torch.stack([t1, junk, t2], dim=1), torch.tensor([[0, -1, 2], [0, -1, 2]]))
-    assert torch.equal(with_gap, model(tokens, target, both, torch.tensor([[0, 2], [0, 2]])))
+    torch.testing.assert_close(with_gap, model(tokens, target, both, torch.tensor([[0, 2], [0, 2]])))
     all_absent = model(tokens, target, both, torch.full((2, 2), -1))
-    assert torch.equal(all_absent, model(tokens, target))
+    torch.testing.assert_close(all_absent, model(tokens, target))
     # Each sample may have its own subset: sample 0 has T1 only, sample 1 nothing.
     mixed = model(tokens, target, both, torch.tensor([[0, -1], [-1, -1]]))
-    assert torch.allclose(mixed[0], model(tokens[:1], target[:1], t1[:1, None], torch.tensor([[0]]))[0], atol=1e-5)
-    assert torch.allclose(mixed[1], model(tokens[1:], target[1:])[0], atol=1e-5)
+    torch.testing.assert_close(mixed[0], model(tokens[:1], target[:1], t1[:1, None], torch.tensor([[0]]))[0])
+    torch.testing.assert_close(mixed[1], model(tokens[1:], target[1:])[0])
+
+
+@pytest.mark.parametrize("source_encoder", ENCODERS)
+@pytest.mark.parametrize("token_dim", [0, 8])
+def test_any_subset_of_three_sources_equals_passing_only_that_subset(token_dim: int, source_encoder: str) -> None:
+    """All 2³ subsets of {T1, T1ce, T2} → FLAIR run; an absent slot (junk voxels, -1) is the same as leaving it out."""
+    model = _model(token_dim=token_dim, source_encoder=source_encoder)
+    tokens, target = _tokens(1), torch.tensor([3])
+    voxels = _voxels(1, slots=3)
+    junk = 10 * torch.randn_like(voxels)  # what an absent slot holds must not matter
+    outputs = []
+    for subset in itertools.product([False, True], repeat=3):
+        keep = torch.tensor(subset)
+        modalities = torch.where(keep, torch.arange(3), -1)[None]
+        full = model(tokens, target, torch.where(keep[None, :, None, None, None], voxels, junk), modalities)
+        if keep.any():
+            only = model(tokens, target, voxels[:, keep], torch.arange(3)[keep][None])
+        else:
+            only = model(tokens, target)
+        assert full.shape == (1, 64, V) and torch.isfinite(full).all()
+        torch.testing.assert_close(full, only)
+        outputs.append(full)
+    for a, b in itertools.combinations(outputs, 2):  # every subset is its own condition
+        assert not torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.mark.parametrize("source_encoder", ENCODERS)
+@pytest.mark.parametrize("token_dim", [0, 8])
+def test_the_targets_own_voxels_cannot_reach_the_logits(token_dim: int, source_encoder: str) -> None:
+    """No leak: the target's slot marked absent (-1), or all conditions dropped, its voxels change nothing; the same
+    change to a present source's voxels does change the logits (the model is sensitive to what it may see)."""
+    model = _model(token_dim=token_dim, source_encoder=source_encoder)
+    tokens, target = _tokens(2), torch.tensor([3, 3])
+    voxels = _voxels(2, slots=3)  # slots: T1, T2, and FLAIR (the target)
+    modalities = torch.tensor([[0, 2, -1], [0, 2, -1]])
+    perturbed = voxels.clone()
+    perturbed[:, 2] = torch.rand_like(perturbed[:, 2]) * 5 - 2  # the target's own voxels, changed everywhere
+    reference = model(tokens, target, voxels, modalities)
+    assert torch.equal(model(tokens, target, perturbed, modalities), reference)
+    present_changed = voxels.clone()
+    present_changed[:, 0] = perturbed[:, 2]
+    assert not torch.allclose(model(tokens, target, present_changed, modalities), reference, atol=1e-4)
+    # Conditions dropped (classifier-free guidance): no slot reaches the logits, present or not.
+    drop = torch.tensor([True, True])
+    dropped = model(tokens, target, voxels, modalities, drop_condition=drop)
+    assert torch.equal(model(tokens, target, present_changed, modalities, drop_condition=drop), dropped)
+    torch.testing.assert_close(dropped, model(tokens, target))
 
 
 @pytest.mark.parametrize("token_dim", [0, 8])
 def test_drop_condition_gives_the_no_condition_state(token_dim: int) -> None:
     model = _model(num_classes=3, token_dim=token_dim)
     tokens, target = _tokens(2), torch.tensor([1, 2])
-    sources = _tokens(2, masked=False)[:, None]
+    sources = _voxels(2)
     dropped = model(
         tokens,
         target,
@@ -166,17 +232,18 @@ def test_drop_condition_gives_the_no_condition_state(token_dim: int) -> None:
         torch.tensor([1, 2]),
         drop_condition=torch.tensor([True, False]),
     )
-    assert torch.allclose(dropped[0], model(tokens[:1], target[:1])[0], atol=1e-5)
-    assert torch.allclose(
-        dropped[1], model(tokens[1:], target[1:], sources[1:], torch.tensor([[0]]), torch.tensor([2]))[0], atol=1e-5
+    torch.testing.assert_close(dropped[0], model(tokens[:1], target[:1])[0])
+    torch.testing.assert_close(
+        dropped[1], model(tokens[1:], target[1:], sources[1:], torch.tensor([[0]]), torch.tensor([2]))[0]
     )
 
 
 def test_token_path_sees_neighbours_across_patch_borders() -> None:
-    """Changing one source token changes the token-path logits of its 3×3×3 neighbours in the next patch too.
+    """Changing one source voxel changes the token-path logits of its token's 3×3×3 neighbours in the next patch too.
 
     The transformer is cut out (identity blocks and a zero projection from its output), so only the token path
-    carries the change: a patch head would change the logits of the token's own patch only.
+    carries the change: a patch head would change the logits of the token's own patch only. With space-to-depth the
+    voxel (2, 2, 2) lies under token (1, 1, 1) alone.
     """
     shape, p = (6, 6, 6), 2
     model = _model(shape, p, token_dim=8)
@@ -187,9 +254,9 @@ def test_token_path_sees_neighbours_across_patch_borders() -> None:
         model.final_layer.proj.weight.zero_()
         model.final_layer.proj.bias.zero_()
     tokens, target = _tokens(1, shape), torch.tensor([2])
-    sources = _tokens(1, shape, masked=False)[:, None]
+    sources = _voxels(1, shape)
     changed = sources.clone()
-    changed[0, 0, 1, 1, 1] = (sources[0, 0, 1, 1, 1] + 1) % V
+    changed[0, 0, 2, 2, 2] += 0.5
     modality = torch.tensor([[0]])
     differs = (model(tokens, target, sources, modality) - model(tokens, target, changed, modality)).abs().amax(-1)
     differs = differs.view(shape)
@@ -199,32 +266,79 @@ def test_token_path_sees_neighbours_across_patch_borders() -> None:
     assert differs[1, 5, 1] == 0
 
 
-@pytest.mark.parametrize("fsq_levels", [None, [3, 4]])
-def test_token_stem_puts_each_source_in_its_modality_slot(fsq_levels) -> None:
+def _encoder(kind: str, num_modalities: int = 4, channels: int = 8) -> SourceEncoder:
+    torch.manual_seed(0)
+    encoder = SourceEncoder(num_modalities, FACTOR, channels, kind).eval()
+    with torch.no_grad():
+        encoder.no_source.normal_()
+    return encoder
+
+
+@pytest.mark.parametrize("kind", ENCODERS)
+def test_source_encoder_reads_voxels_onto_the_token_grid(kind: str) -> None:
+    """Both encoders: ``[B, S, h*f, w*f, d*f]`` → ``[B, h, w, d, C]``; a voxel reaches the tokens around its own
+    (a 3×3×3 fusion on the token grid; the convolutional reader's 3×3×3 voxel kernel adds at most one more token)."""
+    encoder = _encoder(kind)
+    assert (encoder.reader is None) == (kind == "space_to_depth")
+    sources = _voxels(2, (4, 6, 4), slots=2)
+    features = encoder(sources, torch.tensor([[0, 1], [2, -1]]))
+    assert features.shape == (2, 4, 6, 4, 8)
+    changed = sources.clone()
+    changed[0, 0, 2, 2, 2] += 1.0  # under token (1, 1, 1)
+    differs = (encoder(changed, torch.tensor([[0, 1], [2, -1]])) - features).abs().amax(-1)
+    assert differs[0, 1, 1, 1] > 0 and differs[0, 3, 5, 3] == 0
+    assert differs[1].amax() == 0  # the other sample
+    assert torch.equal(encoder(None, None), encoder.no_source)
+    with pytest.raises(ValueError, match="'wavelet'"):
+        SourceEncoder(4, FACTOR, 8, "wavelet")
+
+
+@pytest.mark.parametrize("kind", ENCODERS)
+def test_source_encoder_puts_each_source_in_its_modality_slot(kind: str) -> None:
     """The fused source features depend on which modality each source is, not on the order of the slots."""
-    stem = _model((4, 4, 4), 1, fsq_levels=fsq_levels, token_dim=8).token_stem
-    assert stem is not None
-    sources = _tokens(1, masked=False)[:, None].repeat(1, 2, 1, 1, 1)
-    sources[:, 1] = _tokens(1, masked=False)
-    features = stem.embed_sources(sources, torch.tensor([[0, 2]]))
-    swapped = stem.embed_sources(sources.flip(1), torch.tensor([[2, 0]]))
-    assert torch.allclose(features, swapped, atol=1e-6)
-    assert not torch.allclose(features, stem.embed_sources(sources, torch.tensor([[2, 0]])), atol=1e-3)
+    encoder = _encoder(kind)
+    sources = _voxels(1, slots=2)
+    features = encoder(sources, torch.tensor([[0, 2]]))
+    swapped = encoder(sources.flip(1), torch.tensor([[2, 0]]))
+    torch.testing.assert_close(features, swapped)
+    assert not torch.allclose(features, encoder(sources, torch.tensor([[2, 0]])), atol=1e-3)
 
 
-def test_token_stem_fuses_sources_beyond_a_sum() -> None:
+@pytest.mark.parametrize("kind", ENCODERS)
+def test_source_encoder_fuses_sources_beyond_a_sum(kind: str) -> None:
     """What two sources say together is not the sum of what each says: with sources (a, b) for T1 and T2,
     f(a, b) - f(a, b') - f(a', b) + f(a', b') differs from zero (a mean of per-source embeddings gives zero)."""
-    stem = _model((4, 4, 4), 1, fsq_levels=[3, 4], token_dim=8).token_stem
-    assert stem is not None
-    a, a2, b, b2 = (_tokens(1, masked=False) for _ in range(4))
+    encoder = _encoder(kind)
+    a, a2, b, b2 = (_voxels(1)[:, 0] for _ in range(4))
     modalities = torch.tensor([[0, 2]])
 
     def fused(t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
-        return stem.embed_sources(torch.stack([t1, t2], dim=1), modalities)
+        return encoder(torch.stack([t1, t2], dim=1), modalities)
 
     interaction = fused(a, b) - fused(a, b2) - fused(a2, b) + fused(a2, b2)
     assert interaction.abs().amax() > 1e-2
+
+
+@pytest.mark.parametrize(("shape", "factor"), [((2, 3, 8, 6, 4), 2), ((1, 1, 12, 4, 8), 4), ((1, 2, 3, 3, 3), 1)])
+def test_space_to_depth_and_depth_to_space_are_exact_inverses(shape: tuple[int, ...], factor: int) -> None:
+    x = torch.randn(shape)
+    moved = space_to_depth(x, factor)
+    b, c, *spatial = shape
+    assert moved.shape == (b, c * factor**3, *(n // factor for n in spatial))
+    assert torch.equal(depth_to_space(moved, factor), x)
+    y = torch.randn(moved.shape)
+    assert torch.equal(space_to_depth(depth_to_space(y, factor), factor), y)
+    # Channel c * f³ + k holds voxel k (raster order inside the token's block) of channel c.
+    i, j, k = (n // factor - 1 for n in spatial)
+    for a, bb, cc in itertools.product(range(factor), repeat=3):
+        slot = (c - 1) * factor**3 + (a * factor + bb) * factor + cc
+        voxel = x[b - 1, c - 1, i * factor + a, j * factor + bb, k * factor + cc]
+        assert moved[b - 1, slot, i, j, k] == voxel
+
+
+def test_space_to_depth_needs_whole_tokens() -> None:
+    with pytest.raises(ValueError, match=r"\[8, 7, 4\] is not divisible by the factor 2"):
+        space_to_depth(torch.zeros(1, 1, 8, 7, 4), 2)
 
 
 def test_token_path_needs_non_negative_sizes() -> None:
@@ -236,7 +350,7 @@ def test_token_path_needs_non_negative_sizes() -> None:
 def test_autocast_bf16_on_cpu(token_dim: int) -> None:
     model = _model(shape=(4, 4, 4), patch_size=2, token_dim=token_dim)
     tokens, target = _tokens(2), torch.tensor([0, 1])
-    sources = _tokens(2, masked=False)[:, None]
+    sources = _voxels(2)
     reference = model(tokens, target, sources, torch.tensor([[2], [3]]))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(tokens, target, sources, torch.tensor([[2], [3]]))
@@ -247,8 +361,13 @@ def test_autocast_bf16_on_cpu(token_dim: int) -> None:
 def test_bad_arguments() -> None:
     model = _model()
     tokens, target = _tokens(1), torch.tensor([0])
-    with pytest.raises(ValueError, match=r"\(4, 4, 2\).*\(4, 4, 4\)"):
-        model(tokens, target, _tokens(1, (4, 4, 2))[:, None], torch.tensor([[1]]))
+    voxel_grid = r"sources must be voxel grids \[B, S, \*\[8, 8, 8\]\] .* source_factor 2\), got shape "
+    with pytest.raises(ValueError, match=voxel_grid + r"\(1, 1, 8, 8, 4\)"):
+        model(tokens, target, _voxels(1, (4, 4, 2)), torch.tensor([[1]]))
+    with pytest.raises(ValueError, match=voxel_grid + r"\(1, 1, 4, 4, 4\)"):  # token grids are no sources
+        model(tokens, target, _tokens(1, masked=False)[:, None].float(), torch.tensor([[1]]))
+    with pytest.raises(ValueError, match=r"source_modalities must have shape \(1, 1\) \[B, S\], got \(1, 2\)"):
+        model(tokens, target, _voxels(1), torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match=r"\(4, 4, 2\)"):
         model(_tokens(1, (4, 4, 2)), target)
     with pytest.raises(ValueError, match="num_classes=0"):
@@ -261,7 +380,7 @@ def test_bad_arguments() -> None:
 @pytest.mark.parametrize("patch_size", [1, 2])
 def test_fsq_structure_keeps_shape_and_uniform_start(patch_size: int, token_dim: int) -> None:
     model = _model((4, 4, 4), patch_size, randomize=False, fsq_levels=[3, 4], token_dim=token_dim)
-    sources = _tokens(2, masked=False)[:, None]
+    sources = _voxels(2)
     logits = model(_tokens(2), torch.tensor([1, 3]), sources, torch.tensor([[0], [2]]))
     assert logits.shape == (2, 64, V)
     assert torch.all(logits == 0)
@@ -306,7 +425,7 @@ def _gpu_pair() -> tuple[TransformerDecoder, TransformerDecoder, dict]:
     inputs = {
         "tokens": _tokens(2, (8, 8, 8)),
         "target_modality": torch.tensor([0, 1]),
-        "sources": _tokens(2, (8, 8, 8), masked=False)[:, None],
+        "sources": _voxels(2, (8, 8, 8)),
         "source_modalities": torch.tensor([[2], [-1]]),
     }
     return cpu, gpu, inputs
@@ -367,7 +486,7 @@ def test_condition_then_logits_equals_forward(token_dim: int) -> None:
     """The conditions' part computed once (``condition``) and reused gives the logits of a full call."""
     model = _model(num_classes=3, fsq_levels=[3, 4], token_dim=token_dim)
     sources, modalities = (
-        _tokens(3, masked=False)[:, None].repeat(1, 2, 1, 1, 1),
+        _voxels(3, slots=2),
         torch.tensor([[0, 1], [-1, 2], [0, -1]]),
     )
     label, drop = torch.tensor([0, 2, 1]), torch.tensor([False, False, True])
