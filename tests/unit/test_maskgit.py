@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -221,12 +222,24 @@ def test_sampler_bad_arguments(kwargs: dict, value: str) -> None:
         MaskGiTSampler(**kwargs)
 
 
+@pytest.mark.parametrize("voxels", [(4, 4, 4), (8, 8, 7), (8, 8, 3), (2, 2, 2), (8, 8)])
 @pytest.mark.parametrize("method", ["sample", "predict"])
-def test_sampler_rejects_source_grid_of_other_shape(method: str) -> None:
-    sources = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+def test_sampler_rejects_sources_off_the_token_grid(method: str, voxels: tuple[int, ...]) -> None:
+    """Source voxels must be the token grid (4, 4, 3) times one whole factor along every axis."""
+    sources = torch.zeros(1, 1, *voxels)
     call = getattr(MaskGiTSampler(), method)
-    with pytest.raises(ValueError, match=r"\(4, 4, 4\).*\(4, 4, 3\)"):
+    with pytest.raises(ValueError, match=rf"source voxel grid {re.escape(str(voxels))} is not the target token grid"):
         call(RecordingModel(), (1, *GRID), torch.zeros(1, dtype=torch.long), sources=sources)
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_sampler_takes_sources_on_the_token_grid_times_a_factor(factor: int) -> None:
+    sources = torch.rand(1, 2, *(n * factor for n in GRID))
+    model = RecordingModel()
+    tokens = MaskGiTSampler(steps=2).sample(
+        model, (1, *GRID), torch.zeros(1, dtype=torch.long), sources, torch.tensor([[0, 1]])
+    )
+    assert tokens.shape == (1, *GRID) and len(model.calls) == 2
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
@@ -268,7 +281,7 @@ def test_sampler_computes_a_models_conditions_once_and_samples_as_the_plain_call
     """A model with ``condition``/``logits`` gets one ``condition`` call per run and the same samples as through
     its plain ``__call__``; with guidance, on the ``[cond; uncond]`` batch."""
     torch.manual_seed(0)
-    model = TransformerDecoder(1, 16, 2, 32, V, GRID, 4, token_dim=4).eval()
+    model = TransformerDecoder(1, 16, 2, 32, V, GRID, 4, token_dim=4, source_factor=2).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.2)
@@ -282,7 +295,7 @@ def test_sampler_computes_a_models_conditions_once_and_samples_as_the_plain_call
     model.condition = condition  # type: ignore[method-assign]
     plain = lambda *args, **kwargs: TransformerDecoder.__call__(model, *args, **kwargs)  # noqa: E731
     plain.vocab_size = V  # type: ignore[attr-defined]
-    sources, modalities = torch.randint(0, V, (2, 1, *GRID)), torch.tensor([[0], [1]])
+    sources, modalities = torch.rand(2, 1, *(2 * n for n in GRID)), torch.tensor([[0], [1]])
     for w in (0.0, 1.5):
         sampler = MaskGiTSampler(4, guidance_scale=w)
         runs = [
