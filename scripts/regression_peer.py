@@ -1,18 +1,22 @@
 """The peer a user would pick instead of prod9 for paired synthesis: a direct regression U-Net per task.
 
 One MONAI ``BasicUNet`` per task maps the source contrasts (as channels) to the target contrast, trained with
-L1 + 0.2 (1 - SSIM) (stage 1's weights) on the training cases for a wall-time budget (``--seconds``, split equally
-between the tasks; the quickstart passes the wall time of prod9's stage 1 + stage 2 training), then scored exactly
-as stage 2 scores its synthesis: the same preprocessing (``prod9_ext.data.preprocessing(..., train=False,
-seg=True)`` at the same voxel size and ROI), MONAI's ``SSIMMetric(spatial_dims=3, data_range=1.0, win_size=7)``,
-PSNR with ``max_val=1.0`` and
-prod9's tumour-region SSIM (:class:`prod9_ext.engines.RegionSSIMMetric`).
+L1 + 0.2 (1 - SSIM) (stage 1's weights) on ``roi_size`` crops of the training cases for a wall-time budget
+(``--seconds``, split equally between the tasks; the quickstart passes the wall time of prod9's stage 1 + stage 2
+training). Each case of ``--split`` is then predicted whole: stage 2's preprocessing without the ROI crop
+(``prod9_ext.data.preprocessing(..., roi_size=None, train=False, seg=True)``, the whole foreground box at ``pixdim``),
+in windows of the training ``roi_size`` blended by MONAI's ``SlidingWindowInferer``, so the network sees inputs of
+the size it was trained on whatever the size of the brain.
 
     python scripts/regression_peer.py --dataset_dir outputs/quickstart/data --output_dir outputs/quickstart/peer \\
         --seconds 780 --split test
 
-Writes ``<output_dir>/metrics.json`` (one entry per task, see :func:`main`) and, per task, the predicted volume of
-every scored case as ``<output_dir>/<task>/<case>.nii.gz`` (preprocessed grid: RAS, ``pixdim``, ``roi_size``).
+Writes, per task, every prediction as ``<output_dir>/<task>/<case>_<target>_synth.nii.gz`` on the case's original
+file grid (shape and affine of its files: MONAI's ``Invertd`` undoes the preprocessing, as prod9's inference does),
+in the [0, 1] intensity scale of the preprocessing, so ``scripts/score_synthesis.py`` scores the peer exactly as it
+scores prod9. ``<output_dir>/metrics.json`` keeps the peer's own scores (one entry per task, see :func:`main`), on the
+whole preprocessed foreground box: MONAI's ``SSIMMetric(spatial_dims=3, data_range=1.0, win_size=7)``, PSNR with
+``max_val=1.0`` and prod9's region SSIM (:class:`prod9_ext.engines.RegionSSIMMetric`) inside and outside the tumour.
 Data preprocessing is not counted in the budget; the training loop is, and it stops at the first iteration that
 ends past the task's share (at least one iteration runs).
 """
@@ -29,16 +33,27 @@ from pathlib import Path
 import fire
 import torch
 import torch.nn.functional as F
-from monai.data import CacheDataset, DataLoader
+from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
+from monai.inferers import SlidingWindowInferer
 from monai.metrics import PSNRMetric, SSIMMetric
 from monai.networks.nets import BasicUNet
+from monai.transforms import Compose, Invertd
 from monai.utils import convert_to_tensor, set_determinism
 
 import prod9_ext.data
 from prod9_ext.atomic import atomic_write_text
-from prod9_ext.engines import AtomicNibabelWriter, RegionSSIMMetric, SeparableSSIMLoss, bf16_is_fast
+from prod9_ext.engines import RegionSSIMMetric, SaveSynthesisd, SeparableSSIMLoss, bf16_is_fast
 
-__all__ = ["TASKS", "build_network", "load_scoring_cases", "predict", "score_network", "train_network"]
+__all__ = [
+    "TASKS",
+    "build_network",
+    "load_scoring_cases",
+    "predict",
+    "predict_whole",
+    "save_prediction",
+    "score_network",
+    "train_network",
+]
 
 logger = logging.getLogger("regression_peer")
 
@@ -51,6 +66,8 @@ MODALITIES = ("t1", "t1ce", "t2", "flair")
 DEFAULT_FEATURES = (16, 16, 32, 64, 128, 16)
 # BasicUNet halves the grid four times: inputs are zero-padded to a multiple of this and the output cropped back.
 UNET_FACTOR = 16
+# Share of a window that its neighbour overlaps when a whole case is predicted (prod9's stage-2 windows use 0.5 too).
+WINDOW_OVERLAP = 0.5
 
 
 def build_network(num_sources: int, features: Sequence[int] = DEFAULT_FEATURES) -> BasicUNet:
@@ -78,6 +95,19 @@ def predict(network: torch.nn.Module, sources: torch.Tensor, amp: bool = False) 
     with torch.autocast(sources.device.type, dtype=torch.bfloat16, enabled=amp):
         output = network(F.pad(sources, pad))
     return output[(..., *[slice(0, n) for n in spatial])].float()
+
+
+def predict_whole(
+    network: torch.nn.Module, sources: torch.Tensor, roi_size: Sequence[int], amp: bool = False
+) -> torch.Tensor:
+    """:func:`predict` over a whole case ``[B, S, *spatial]`` in windows of the training ``roi_size``.
+
+    MONAI's ``SlidingWindowInferer`` (overlap ``WINDOW_OVERLAP``, Gaussian blending) covers every voxel, padding a
+    case smaller than the ROI, so each window has the size the network was trained on (its instance norms see the
+    statistics of a training crop) and memory stays bounded on large volumes.
+    """
+    inferer = SlidingWindowInferer(roi_size=list(roi_size), overlap=WINDOW_OVERLAP, mode="gaussian")
+    return inferer(sources, lambda x: predict(network, x, amp))  # type: ignore[return-value]
 
 
 def _endless(loader: DataLoader) -> Iterator[dict]:
@@ -146,12 +176,15 @@ def train_network(
     }
 
 
-def load_scoring_cases(
-    dataset_dir: str | Path, split: str, pixdim: Sequence[float], roi_size: Sequence[int]
-) -> list[dict]:
-    """The cases of ``split``, preprocessed as stage 2 scores them (all four contrasts and ``seg``, ``[1, *roi]``)."""
-    transform = prod9_ext.data.preprocessing("brats", MODALITIES, list(roi_size), list(pixdim), train=False, seg=True)
-    return [transform(case) for case in prod9_ext.data.load_datalist("brats", dataset_dir, split)]
+def load_scoring_cases(dataset_dir: str | Path, split: str, pixdim: Sequence[float]) -> tuple[Compose, Dataset]:
+    """The cases of ``split``, preprocessed whole, and the preprocessing (``Invertd`` needs the very object).
+
+    Each case holds its ``case`` name and the four contrasts and ``seg`` as ``MetaTensor[1, *box]``: the whole
+    foreground box at ``pixdim``, in RAS, with the operations that :func:`save_prediction` undoes. A case is loaded
+    and preprocessed when it is read, so a split of 1 mm BraTS cases is never held in memory at once.
+    """
+    transform = prod9_ext.data.preprocessing("brats", MODALITIES, None, list(pixdim), train=False, seg=True)
+    return transform, Dataset(list(prod9_ext.data.load_datalist("brats", dataset_dir, split)), transform)
 
 
 def _mean(metric: SSIMMetric | PSNRMetric | RegionSSIMMetric) -> float | None:
@@ -166,15 +199,18 @@ def score_network(
     target: str,
     sources: Sequence[str],
     device: torch.device,
+    roi_size: Sequence[int],
     amp: bool = False,
     clip: bool = True,
-    save_dir: str | Path | None = None,
+    save: tuple[Compose, str | Path] | None = None,
 ) -> dict[str, float | int | None]:
-    """Score ``network`` on ``cases`` (from :func:`load_scoring_cases`) with stage 2's metrics.
+    """Score ``network`` on whole ``cases`` (from :func:`load_scoring_cases`) with stage 2's metrics.
 
-    ``ssim_tumour`` averages the SSIM map over the tumour (``seg > 0``), as :class:`RegionSSIMMetric` does for prod9;
-    ``ssim_rest`` over the rest of the brain (voxels where any contrast is nonzero, minus the tumour). With
-    ``save_dir``, each case's prediction is written to ``<save_dir>/<case>.nii.gz`` with the preprocessed affine.
+    Each case is predicted by :func:`predict_whole` in windows of ``roi_size`` and scored on its whole preprocessed
+    foreground box. ``ssim_tumour`` averages the SSIM map over the tumour (``seg > 0``), as
+    :class:`RegionSSIMMetric` does for prod9; ``ssim_rest`` over the rest of the brain (voxels where any contrast is
+    nonzero, minus the tumour). With ``save`` (the cases' preprocessing and a folder), each prediction is written by
+    :func:`save_prediction` on the case's original grid.
 
     Returns:
         ``psnr``, ``ssim``, ``ssim_tumour``, ``ssim_rest`` (None where no case has the region) and ``cases``.
@@ -187,7 +223,7 @@ def score_network(
     for case in cases:
         batch = {key: torch.as_tensor(case[key])[None] for key in (*MODALITIES, "seg")}
         with torch.no_grad():
-            pred = predict(network, _stack(batch, sources, device), amp)
+            pred = predict_whole(network, _stack(batch, sources, device), roi_size, amp)
         if clip:
             pred = pred.clamp(0.0, 1.0)
         label = _stack(batch, [target], device)
@@ -197,8 +233,8 @@ def score_network(
         ssim(pred, label)
         tumour(pred, torch.cat([label, lesion.float()], dim=1))
         rest(pred, torch.cat([label, (brain & ~lesion).float()], dim=1))
-        if save_dir is not None:
-            _save(pred[0], case[target], Path(save_dir) / f"{case['case']}.nii.gz")
+        if save is not None:
+            save_prediction(pred[0], case, target, *save)
     return {
         "psnr": _mean(psnr),
         "ssim": _mean(ssim),
@@ -208,13 +244,23 @@ def score_network(
     }
 
 
-def _save(image: torch.Tensor, reference: torch.Tensor, path: Path) -> None:
-    """Write ``image`` ``[1, *spatial]`` as NIfTI with the affine of the preprocessed ``reference``, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = AtomicNibabelWriter()
-    writer.set_data_array(image.detach().cpu(), channel_dim=0)
-    writer.set_metadata({"affine": getattr(reference, "affine", torch.eye(4))}, resample=False)
-    writer.write(path)
+def save_prediction(
+    image: torch.Tensor, case: dict, target: str, preprocessing: Compose, output_dir: str | Path
+) -> None:
+    """Write ``image`` ``[1, *box]`` (a prediction on ``case``'s preprocessed grid) on the case's original grid.
+
+    MONAI's ``Invertd`` undoes ``preprocessing`` (the object that made ``case``) as it was applied to ``case[target]``
+    (crop, resampling, orientation; bilinear), and :class:`prod9_ext.engines.SaveSynthesisd` writes
+    ``<output_dir>/<case>_<target>_synth.nii.gz`` atomically with the target file's affine: the layout of prod9's
+    inference.
+    """
+    item = {"pred": MetaTensor(image.detach().cpu()), target: case[target], "case": case["case"]}
+    Compose(
+        [
+            Invertd("pred", preprocessing, orig_keys=target, nearest_interp=False, to_tensor=True),
+            SaveSynthesisd("pred", output_dir, target),
+        ]
+    )(item)
 
 
 def main(
@@ -238,11 +284,13 @@ def main(
 
     Args:
         dataset_dir: the BraTS-layout data folder (its ``dataset.json`` lists the splits).
-        output_dir: where ``metrics.json`` and the predicted volumes go (created when missing).
+        output_dir: where ``metrics.json`` and the predictions (``<task>/<case>_<target>_synth.nii.gz``) go (created
+            when missing).
         seconds: wall-time budget of all training together (prod9's stage 1 + stage 2 training time).
         split: the cases to score (``load_datalist``'s split name); training always uses ``"training"``.
         pixdim: voxel size in mm (the stage-1 demo's 3 mm).
-        roi_size: the volume size, for training crops and scoring (stage 2 demo's ``[48, 64, 48]``).
+        roi_size: the size of the training crops and of the windows that predict whole cases (stage 2 demo's
+            ``[48, 64, 48]``).
         features: ``BasicUNet`` features (6 numbers).
         batch_size: training batch size.
         learning_rate: Adam's initial learning rate (cosine decay over the budget).
@@ -272,7 +320,7 @@ def main(
         prod9_ext.data.load_datalist("brats", dataset_dir, "training"), train_transform, progress=False
     )
     loader = DataLoader(train_data, batch_size=batch_size, shuffle=True, num_workers=0, drop_last=False)
-    cases = load_scoring_cases(dataset_dir, split, pixdim, roi_size)
+    preprocessing, cases = load_scoring_cases(dataset_dir, split, pixdim)
     logger.info("%d training cases, %d %s cases, bf16 autocast %s", len(train_data), len(cases), split, amp)
     results: dict[str, dict] = {}
     for task in tasks:
@@ -282,7 +330,9 @@ def main(
         training = train_network(
             network, loader, target, sources, seconds / len(tasks), torch_device, amp, learning_rate, ssim_weight
         )
-        scores = score_network(network, cases, target, sources, torch_device, amp, clip, out / task)
+        scores = score_network(
+            network, cases, target, sources, torch_device, roi_size, amp, clip, (preprocessing, out / task)
+        )
         results[task] = {**scores, **training}
         logger.info("%s: %s", task, json.dumps(results[task]))
         atomic_write_text(out / "metrics.json", json.dumps(results, indent=2) + "\n")

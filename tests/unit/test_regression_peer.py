@@ -1,4 +1,4 @@
-"""The regression peer trains within its budget, learns, and writes prod9's metrics and its predicted volumes."""
+"""The regression peer trains within its budget, learns, writes its metrics, and predicts whole cases on their grid."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,16 @@ from monai.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 import regression_peer
-from regression_peer import TASKS, build_network, load_scoring_cases, predict, train_network
+import score_synthesis
+from regression_peer import (
+    TASKS,
+    build_network,
+    load_scoring_cases,
+    predict,
+    predict_whole,
+    score_network,
+    train_network,
+)
 
 from prod9_ext.data import make_phantom_dataset
 from prod9_ext.engines import SeparableSSIMLoss
@@ -26,6 +36,25 @@ PIXDIM = [6.0, 6.0, 6.0]
 ROI = [32, 32, 32]
 FEATURES = [8, 8, 16, 16, 32, 8]
 SECONDS = 8.0
+# This case's files are stored LPS (as BraTS files are), the others RAS: the predictions must follow each file's grid.
+LPS_CASE = "Phantom_00002"
+
+
+class CopyFirstSource(torch.nn.Module):
+    """A "network" whose prediction is its first source: where it lands shows where the peer puts a prediction."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1]
+
+
+def _store_lps(case_dir: Path) -> None:
+    """Rewrite every file of a case with its voxels in LPS order (same world positions, another affine)."""
+    for file in case_dir.glob("*.nii.gz"):
+        image = nib.load(file)  # type: ignore[attr-defined]
+        to_lps = nib.orientations.ornt_transform(
+            nib.orientations.io_orientation(image.affine), nib.orientations.axcodes2ornt(("L", "P", "S"))
+        )
+        nib.save(image.as_reoriented(to_lps), file)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +62,7 @@ def peer_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict
     """Three training phantoms; the peer trained on them for ``SECONDS`` and scored on them (the overfit case)."""
     data = tmp_path_factory.mktemp("peer_data")
     make_phantom_dataset(data, num_cases=3, seed=0, spacing=6.0, val_fraction=0.0, test_fraction=0.0)
+    _store_lps(data / LPS_CASE)
     out = tmp_path_factory.mktemp("peer_out")
     # float32: with bf16 autocast on a CPU with AVX512-BF16 but no AMX (an AMD EPYC), this U-Net's 2³ bottleneck
     # convolutions returned non-finite values within a dozen iterations, in some runs and not others.
@@ -72,16 +102,56 @@ def test_metrics_json_has_every_task_with_sane_values(peer_run: tuple[Path, Path
         assert SECONDS / len(TASKS) <= scores["train_seconds"] < SECONDS / len(TASKS) + 30
 
 
-def test_predictions_are_written_on_the_scoring_grid(peer_run: tuple[Path, Path, dict]) -> None:
-    _, out, _ = peer_run
-    for task in TASKS:
-        files = sorted((out / task).glob("*.nii.gz"))
-        assert [f.name for f in files] == [f"Phantom_0000{i}.nii.gz" for i in range(3)]
-        image = nib.load(files[0])
-        assert image.shape == tuple(ROI)
-        voxels = image.get_fdata()
-        assert voxels.min() >= 0.0 and voxels.max() <= 1.0  # clipped, as scored
-        assert image.affine[0, 0] == pytest.approx(PIXDIM[0])
+def test_predictions_are_written_on_each_case_files_grid(peer_run: tuple[Path, Path, dict]) -> None:
+    data, out, _ = peer_run
+    assert nib.aff2axcodes(nib.load(next((data / LPS_CASE).glob("*_t1.nii.gz"))).affine) == ("L", "P", "S")
+    for task, (target, _) in TASKS.items():
+        files = sorted((out / task).iterdir())
+        assert [f.name for f in files] == [f"Phantom_0000{i}_{target}_synth.nii.gz" for i in range(3)]
+        for i, file in enumerate(files):
+            image = nib.load(file)  # type: ignore[attr-defined]
+            real = nib.load(data / f"Phantom_0000{i}" / f"Phantom_0000{i}_{target}.nii.gz")  # type: ignore[attr-defined]
+            assert image.shape == real.shape
+            np.testing.assert_allclose(image.affine, real.affine, atol=1e-4)
+            voxels = image.get_fdata()
+            assert voxels.min() >= 0.0 and voxels.max() <= 1.0  # clipped, as scored
+
+
+def test_score_synthesis_scores_the_peer_as_it_scores_prod9(peer_run: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    data, out, _ = peer_run
+    for task, (target, sources) in TASKS.items():
+        output = tmp_path / f"{task}.json"
+        score_synthesis.main(str(data), str(output), target, "training", str(out / task), sources)
+        scores = json.loads(output.read_text())
+        assert list(scores["cases"]) == [f"Phantom_0000{i}" for i in range(3)]
+        assert math.isfinite(scores["mean"]["psnr"]) and scores["mean"]["hfen"] > 0.0
+        for key in ("ssim", "ssim_tumour", "ssim_non_tumour"):
+            assert -1.0 <= scores["mean"][key] <= 1.0
+
+
+def test_a_prediction_lands_on_the_voxels_of_its_case(peer_run: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    """The preprocessing is undone: a copy of the preprocessed T1 written back matches the T1 file voxel by voxel."""
+    data, _, _ = peer_run
+    preprocessing, cases = load_scoring_cases(data, "training", PIXDIM)
+    score_network(CopyFirstSource(), cases, "t2", ["t1"], torch.device("cpu"), ROI, save=(preprocessing, tmp_path))
+    for case in (LPS_CASE, "Phantom_00000"):
+        written = nib.load(tmp_path / f"{case}_t2_synth.nii.gz").get_fdata()  # type: ignore[attr-defined]
+        t1 = nib.load(data / case / f"{case}_t1.nii.gz").get_fdata()  # type: ignore[attr-defined]
+        brain = t1 != 0
+        aligned = np.corrcoef(written[brain], t1[brain])[0, 1]
+        mirrored = np.corrcoef(written[::-1][brain], t1[brain])[0, 1]
+        assert aligned > 0.95 and mirrored < aligned - 0.2, (case, aligned, mirrored)
+
+
+def test_whole_cases_are_predicted_in_windows_of_the_training_roi(peer_run: tuple[Path, Path, dict]) -> None:
+    data, _, _ = peer_run
+    _, cases = load_scoring_cases(data, "training", PIXDIM)
+    box = cases[0]["t1"].shape[1:]
+    assert tuple(box) != tuple(ROI)  # the whole foreground box, neither padded nor cropped to the ROI
+    # Windows of 16³ cover every voxel of a larger case (and pad a smaller one): the copy comes back unchanged.
+    for shape in ((20, 37, 30), (12, 9, 14)):
+        sources = torch.rand(1, 2, *shape)
+        torch.testing.assert_close(predict_whole(CopyFirstSource(), sources, (16, 16, 16)), sources[:, :1])
 
 
 def _objective(network: torch.nn.Module, sources: torch.Tensor, target: torch.Tensor) -> float:
@@ -93,7 +163,7 @@ def _objective(network: torch.nn.Module, sources: torch.Tensor, target: torch.Te
 
 def test_training_lowers_the_loss_on_an_overfit_case(peer_run: tuple[Path, Path, dict]) -> None:
     data, _, _ = peer_run
-    case = load_scoring_cases(data, "training", PIXDIM, ROI)[0]  # one fixed crop, no augmentation
+    case = load_scoring_cases(data, "training", PIXDIM)[1][0]  # one fixed whole case, no augmentation
     sources, target = (torch.as_tensor(case[key]).float()[None] for key in ("t1", "t2"))
     network = build_network(1, FEATURES)
     before = _objective(network, sources, target)
