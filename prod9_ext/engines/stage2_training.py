@@ -305,7 +305,8 @@ class TokenVoxelCropd(Randomizable, MapTransform):
             slice(s * self.factor, (s + r) * self.factor) for s, r in zip(self._start, self.roi_size, strict=True)
         )
         d[self.tokens_key] = torch.as_tensor(np.ascontiguousarray(tokens[(slice(None), *token_box)]))
-        d[self.voxels_key] = torch.from_numpy(np.asarray(voxels[(slice(None), *voxel_box)], dtype=np.float32))
+        # np.array copies: a float32 memory map would otherwise come back as a view of the read-only file.
+        d[self.voxels_key] = torch.from_numpy(np.array(voxels[(slice(None), *voxel_box)], dtype=np.float32))
         return d
 
 

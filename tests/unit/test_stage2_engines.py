@@ -10,12 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from prod9_ext import AutoencoderFSQ, AutoencoderInferenceWrapper, MaskGiTScheduler, SlidingWindowConfig
+from prod9_ext import (
+    AutoencoderFSQ,
+    AutoencoderInferenceWrapper,
+    MaskGiTScheduler,
+    SlidingWindowConfig,
+    TransformerDecoder,
+)
 from prod9_ext.engines import (
     MaskGiTIteration,
     RegionSSIMMetric,
     Stage1Tokenizer,
     TokenAccuracyMetric,
+    TokenVoxelCropd,
     check_stage2_setup,
     load_network_weights,
     modality_ids,
@@ -59,13 +66,107 @@ def test_pretokenize_caches_and_invalidates_on_a_new_tokenizer(tmp_path: Path) -
     assert len(list(tmp_path.iterdir())) == 3
 
 
+class _OddSizedPreprocessing(_CountingPreprocessing):
+    """Images of 11 x 16 x 9 voxels: not whole tokens along two axes (factor 2)."""
+
+    def __call__(self, item: dict) -> dict:
+        self.calls += 1
+        generator = torch.Generator().manual_seed(len(item["case"]))
+        return {key: torch.rand(1, 11, 16, 9, generator=generator) for key in ("t1", "t2")}
+
+
+def _counting_encoder(tokenizer: Stage1Tokenizer) -> list[int]:
+    """Count the tokenizer's ``encode_to_indices`` calls (the encodings of the cache)."""
+    calls = [0]
+    original = tokenizer.wrapper.encode_to_indices
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    tokenizer.wrapper.encode_to_indices = counted  # type: ignore[method-assign]
+    return calls
+
+
+def test_pretokenize_writes_memory_mapped_voxels_beside_the_tokens_and_reuses_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cases = [{"case": "A"}, {"case": "BB"}]
+    preprocessing, tokenizer = _OddSizedPreprocessing(), _tokenizer("one")
+    encodings = _counting_encoder(tokenizer)
+    first = pretokenize(cases, preprocessing, tokenizer, ["t1", "t2"], tmp_path)
+    assert encodings[0] == 2
+    (folder,) = tmp_path.iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["A.npz", "A.voxels.npy", "BB.npz", "BB.voxels.npy"]
+    for entry, case in zip(first, cases, strict=True):
+        voxels = entry["voxels"]
+        assert isinstance(voxels, np.memmap) and voxels.dtype == np.float16
+        assert entry["tokens"].shape == (2, 6, 8, 5) and voxels.shape == (2, 12, 16, 10)  # zero-padded to the grid
+        images = _OddSizedPreprocessing()(case)
+        expected = np.stack([images[key][0].numpy() for key in ("t1", "t2")]).astype(np.float16)
+        np.testing.assert_array_equal(voxels[:, :11, :, :9], expected)
+        assert not voxels[:, 11:].any() and not voxels[..., 9:].any()
+    with caplog.at_level("INFO", logger="prod9_ext.engines.stage2_training"):
+        again = pretokenize(cases, preprocessing, tokenizer, ["t1", "t2"], tmp_path)
+    assert encodings[0] == 2 and preprocessing.calls == 2  # nothing encoded or preprocessed again
+    assert "0 cases encoded now, 2 reused" in caplog.text
+    assert isinstance(again[1]["voxels"], np.memmap)
+    np.testing.assert_array_equal(again[1]["voxels"], first[1]["voxels"])
+    # A cache from before the voxels: the tokens are kept, the voxels written beside them.
+    (folder / "BB.voxels.npy").unlink()
+    third = pretokenize(cases, preprocessing, tokenizer, ["t1", "t2"], tmp_path)
+    assert encodings[0] == 2 and preprocessing.calls == 3
+    np.testing.assert_array_equal(third[1]["voxels"], first[1]["voxels"])
+
+
+def _coordinates(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """``[M, *shape]`` whose value at ``(m, x, y, z)`` is ``m * 10^6 + x * 10^4 + y * 100 + z``."""
+    m, x, y, z = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    return (m * 10**6 + x * 10**4 + y * 100 + z).astype(dtype)
+
+
+@pytest.mark.parametrize("memory_mapped", [True, False])
+def test_token_voxel_crop_takes_the_same_window_of_both(tmp_path: Path, memory_mapped: bool) -> None:
+    """The voxels' crop is the factor-times box of the tokens' crop, at a random place, from a memory map too."""
+    factor, roi = 2, (3, 4, 2)
+    tokens = _coordinates((2, 6, 8, 5), np.int32)
+    voxels = _coordinates((2, 12, 16, 10), np.float32)
+    if memory_mapped:
+        np.save(tmp_path / "case.voxels.npy", voxels)
+        voxels = np.load(tmp_path / "case.voxels.npy", mmap_mode="r")
+        assert isinstance(voxels, np.memmap)
+    crop = TokenVoxelCropd(roi, factor)
+    starts = set()
+    for seed in range(12):
+        crop.set_random_state(seed)
+        out = crop({"tokens": tokens, "voxels": voxels, "case": "A"})
+        assert out["case"] == "A"
+        assert isinstance(out["tokens"], torch.Tensor) and out["tokens"].shape == (2, *roi)
+        assert isinstance(out["voxels"], torch.Tensor) and out["voxels"].dtype == torch.float32
+        assert out["voxels"].shape == (2, *(n * factor for n in roi))
+        corner = int(out["tokens"][0, 0, 0, 0])
+        start = (corner // 10**4, corner // 100 % 100, corner % 100)
+        starts.add(start)
+        token_box = tuple(slice(s, s + r) for s, r in zip(start, roi, strict=True))
+        voxel_box = tuple(slice(s * factor, (s + r) * factor) for s, r in zip(start, roi, strict=True))
+        np.testing.assert_array_equal(out["tokens"].numpy(), tokens[(slice(None), *token_box)])
+        np.testing.assert_array_equal(out["voxels"].numpy(), np.asarray(voxels)[(slice(None), *voxel_box)])
+        assert not np.shares_memory(out["voxels"].numpy(), voxels)  # a copy, never a view of the (read-only) map
+    assert len(starts) > 3  # random windows
+    with pytest.raises(ValueError, match=r"do not cover tokens \(2, 6, 8, 5\) at factor 2"):
+        crop({"tokens": tokens, "voxels": np.zeros((2, 12, 16, 9), np.float32)})
+    with pytest.raises(ValueError, match=r"token grid \[6, 8, 5\] is smaller than the crop \[3, 9, 2\]"):
+        TokenVoxelCropd((3, 9, 2), factor)({"tokens": tokens, "voxels": voxels})
+
+
 def test_training_conditions_never_give_the_target_as_a_source() -> None:
     scheduler = MaskGiTScheduler(vocab_size=10, source_drop_prob=0.5)
     iteration = MaskGiTIteration(scheduler, slot_modalities=[0, 1, 2, 3], target_modalities=[2, 3])
     tokens = torch.arange(4)[None, :, None, None, None].expand(64, 4, 2, 2, 2).clone()  # slot i holds token i
+    voxels = torch.rand(64, 4, 4, 4, 4)
     generator = torch.Generator().manual_seed(0)
-    target_tokens, target, sources, source_modalities = iteration.conditions(tokens, generator)
-    assert sources is not None and source_modalities is not None
+    target_tokens, target, sources, source_modalities = iteration.conditions(tokens, voxels, generator)
+    assert sources is voxels and source_modalities is not None  # the voxels of every slot, absent ones marked -1
     assert set(target.tolist()) == {2, 3}
     assert torch.equal(target_tokens[:, 0, 0, 0], target)  # the target's own grid
     for row, t in zip(source_modalities, target, strict=True):
@@ -75,9 +176,37 @@ def test_training_conditions_never_give_the_target_as_a_source() -> None:
     assert len(subsets) > 4  # sources dropped at random: many different subsets
 
 
+def test_the_targets_voxels_in_a_training_batch_cannot_reach_the_logits() -> None:
+    """No leak through training: the batch holds every slot's voxels, the target's included; changing the target's
+    voxels leaves the logits of the drawn conditions unchanged, changing a source's does not."""
+    torch.manual_seed(0)
+    model = TransformerDecoder(1, 16, 2, 32, 10, (2, 2, 2), 4, token_dim=4, source_factor=2).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    iteration = MaskGiTIteration(MaskGiTScheduler(vocab_size=10, source_drop_prob=0.0), slot_modalities=[0, 1, 2, 3])
+    tokens, voxels = torch.randint(0, 10, (8, 4, 2, 2, 2)), torch.rand(8, 4, 4, 4, 4)
+
+    def logits(batch_voxels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        drawn = iteration.conditions(tokens, batch_voxels, torch.Generator().manual_seed(1))
+        target_tokens, target, sources, source_modalities = drawn
+        masked = torch.full_like(target_tokens, 10)
+        return model(masked, target, sources, source_modalities), target
+
+    reference, target = logits(voxels)
+    rows = torch.arange(8)
+    changed = voxels.clone()
+    changed[rows, target] = torch.rand(8, 4, 4, 4) * 3  # slot i holds modality i
+    assert torch.equal(logits(changed)[0], reference)
+    source_changed = voxels.clone()
+    source_changed[rows, (target + 1) % 4] = changed[rows, target]
+    assert not torch.allclose(logits(source_changed)[0], reference, atol=1e-4)
+
+
 def test_single_slot_has_no_sources_and_bad_targets_are_refused() -> None:
     iteration = MaskGiTIteration(MaskGiTScheduler(vocab_size=10), slot_modalities=[0])
-    _, target, sources, source_modalities = iteration.conditions(torch.zeros(3, 1, 2, 2, 2, dtype=torch.long))
+    tokens, voxels = torch.zeros(3, 1, 2, 2, 2, dtype=torch.long), torch.zeros(3, 1, 4, 4, 4)
+    _, target, sources, source_modalities = iteration.conditions(tokens, voxels)
     assert sources is None and source_modalities is None and target.tolist() == [0, 0, 0]
     with pytest.raises(ValueError, match="target_modalities"):
         MaskGiTIteration(MaskGiTScheduler(vocab_size=10), slot_modalities=[0, 2], target_modalities=[3])
