@@ -1,4 +1,5 @@
-"""SynthesisInferer's two ways from predicted tokens to an image: a MaskGiT sample, or the expected FSQ code."""
+"""SynthesisInferer's ways from predicted tokens to an image: a MaskGiT sample (or the mean and spread of several), the
+expected FSQ code, and the token-swap ablation; sources that are not on one grid are refused."""
 
 from __future__ import annotations
 
@@ -30,7 +31,14 @@ class FixedLogits(TransformerDecoder):
 
     def __init__(self, logits: torch.Tensor) -> None:
         super().__init__(
-            num_layers=1, hidden_dim=24, num_heads=2, ffn_dim=24, vocab_size=V, latent_shape=GRID, num_modalities=4
+            num_layers=1,
+            hidden_dim=24,
+            num_heads=2,
+            ffn_dim=24,
+            vocab_size=V,
+            latent_shape=GRID,
+            num_modalities=4,
+            source_factor=2,
         )
         self.register_buffer("fixed", logits)
         self.fixed: torch.Tensor
@@ -102,3 +110,69 @@ def test_mean_decodes_the_expected_code_between_two_likely_tokens() -> None:
 def test_unknown_decode_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="'median'"):
         SynthesisInferer(_tokenizer(), MaskGiTSampler(), "t2", ["t1"], decode="median")
+
+
+def _sensitive_transformer() -> TransformerDecoder:
+    """A small transformer whose zero-initialised gates and head are randomised: its logits depend on the sources."""
+    torch.manual_seed(2)
+    model = TransformerDecoder(1, 24, 2, 24, V, GRID, num_modalities=4, token_dim=8, source_factor=2).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if torch.all(param == 0):
+                param.normal_(std=0.3)
+    return model
+
+
+def _two_cases() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(4)
+    return {key: torch.rand(2, 1, *IMAGE, generator=generator) for key in ("t1", "t2")}
+
+
+def test_several_samples_give_their_mean_and_spread() -> None:
+    tokenizer, model, batch = _tokenizer(), _sensitive_transformer(), _two_cases()
+    one, two = (
+        SynthesisInferer(tokenizer, MaskGiTSampler(steps=STEPS), "t2", ["t1"], num_samples=k).synthesize(
+            batch, model, torch.device("cpu")
+        )
+        for k in (1, 2)
+    )
+    assert "pred_std" not in one
+    assert two["pred_std"].shape == two["pred"].shape == (2, 1, *IMAGE)
+    assert (two["pred_std"] >= 0).all() and two["pred_std"].amax() > 1e-3  # two draws of a model that is unsure
+    assert torch.equal(two["tokens"], one["tokens"])  # the first sample is the one num_samples=1 gives
+    assert not torch.allclose(two["pred"].as_tensor(), one["pred"].as_tensor())  # the mean of two draws
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"num_samples": 0}, "num_samples"), ({"num_samples": 2, "decode": "mean"}, "num_samples")]
+)
+def test_bad_number_of_samples_is_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        SynthesisInferer(_tokenizer(), MaskGiTSampler(), "t2", ["t1"], **kwargs)
+
+
+def test_swapped_codes_decode_the_second_case_with_the_first_cases_tokens() -> None:
+    """With stage 1's decoder the sources do not enter decoding: the second case, swapped, is the first case's
+    synthesis exactly; the first case keeps its own."""
+    tokenizer, model, batch = _tokenizer(), _sensitive_transformer(), _two_cases()
+    plain, swapped = (
+        SynthesisInferer(tokenizer, MaskGiTSampler(steps=STEPS), "t2", ["t1"], swap_codes=swap).synthesize(
+            batch, model, torch.device("cpu")
+        )
+        for swap in (False, True)
+    )
+    assert not torch.equal(plain["tokens"][0], plain["tokens"][1])  # two cases, two syntheses
+    torch.testing.assert_close(swapped["pred"][0], plain["pred"][0])
+    assert torch.equal(swapped["tokens"][1], plain["tokens"][0])
+    torch.testing.assert_close(swapped["pred"][1], plain["pred"][0])
+    assert (swapped["pred"][1] - plain["pred"][1]).abs().amax() > 1e-3
+
+
+def test_sources_on_different_grids_are_refused_in_one_line() -> None:
+    batch = {"t1": torch.rand(1, 1, *IMAGE), "t1ce": torch.rand(1, 1, 8, 8, 6)}
+    inferer = SynthesisInferer(_tokenizer(), MaskGiTSampler(steps=STEPS), "t2", ["t1", "t1ce"])
+    with pytest.raises(ValueError) as caught:
+        inferer.synthesize(batch, _sensitive_transformer(), torch.device("cpu"))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("source 't1ce' has grid (8, 8, 6), the first source (8, 8, 8)")

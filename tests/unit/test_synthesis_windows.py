@@ -54,7 +54,14 @@ def decode_to_a_constant(autoencoder: torch.nn.Module, value: float = 0.5) -> to
 def _transformer() -> TransformerDecoder:
     torch.manual_seed(1)
     return TransformerDecoder(
-        num_layers=1, hidden_dim=24, num_heads=2, ffn_dim=24, vocab_size=V, latent_shape=LATENT, num_modalities=4
+        num_layers=1,
+        hidden_dim=24,
+        num_heads=2,
+        ffn_dim=24,
+        vocab_size=V,
+        latent_shape=LATENT,
+        num_modalities=4,
+        source_factor=2,
     ).eval()
 
 
@@ -64,7 +71,14 @@ class OneToken(TransformerDecoder):
 
     def __init__(self, token: int) -> None:
         super().__init__(
-            num_layers=1, hidden_dim=24, num_heads=2, ffn_dim=24, vocab_size=V, latent_shape=LATENT, num_modalities=4
+            num_layers=1,
+            hidden_dim=24,
+            num_heads=2,
+            ffn_dim=24,
+            vocab_size=V,
+            latent_shape=LATENT,
+            num_modalities=4,
+            source_factor=2,
         )
         self.token = token
         self.calls = 0
