@@ -59,7 +59,10 @@ class SourceAwareDecoder(nn.Module):
         self.factor = autoencoder.downsampling_factor
         self.code_channels = len(autoencoder.quantizer.levels)
         self.post_quant_conv = copy.deepcopy(autoencoder.post_quant_conv)
-        self.blocks = copy.deepcopy(autoencoder.decoder.blocks)  # type: ignore[union-attr]
+        blocks = autoencoder.decoder.blocks
+        if not isinstance(blocks, nn.ModuleList):
+            raise TypeError(f"the autoencoder's decoder blocks must be an nn.ModuleList, got {type(blocks).__name__}")
+        self.blocks: nn.ModuleList = copy.deepcopy(blocks)
         levels = self.factor.bit_length() - 1  # halvings from voxels to tokens
         widths = [channels * 2**k for k in range(levels + 1)]
         self.encoder = nn.ModuleList()

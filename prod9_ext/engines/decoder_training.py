@@ -80,6 +80,9 @@ class SourceDecoderIteration:
         expected_prob: share of samples decoded from the transformer's expected codes.
         corrupt_max: the other samples have a fraction ``U(0, corrupt_max)`` of their codes replaced by random ones.
         ssim_weight: weight of ``1 - SSIM`` beside L1.
+        crop_size: the decoder trains on a random window of this many tokens per axis (the same for the batch),
+            cut after the transformer has seen the whole crop; None: the whole crop. A decoder is fully
+            convolutional, and its cost grows with the volume while the transformer's window is fixed.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class SourceDecoderIteration:
         expected_prob: float = 0.5,
         corrupt_max: float = 0.5,
         ssim_weight: float = 1.0,
+        crop_size: Sequence[int] | None = None,
     ) -> None:
         for name, value in (("source_drop_prob", source_drop_prob), ("expected_prob", expected_prob)):
             if not 0.0 <= value <= 1.0:
@@ -112,6 +116,21 @@ class SourceDecoderIteration:
         self.corrupt_max = corrupt_max
         self.ssim_weight = ssim_weight
         self.ssim = SeparableSSIMLoss(spatial_dims=3, data_range=1.0)
+        self.crop_size = None if crop_size is None else [int(n) for n in crop_size]
+        if self.crop_size is not None and (len(self.crop_size) != 3 or min(self.crop_size) < 1):
+            raise ValueError(f"crop_size must be 3 positive sizes, got {crop_size}")
+
+    def crop(self, tensors: Sequence[torch.Tensor], factor: int) -> list[torch.Tensor]:
+        """A random window of ``crop_size`` tokens of every tensor: the first on the token grid, the others on the
+        voxel grid (``factor`` times larger)."""
+        grid = tensors[0].shape[2:]
+        if self.crop_size is None or all(c >= n for c, n in zip(self.crop_size, grid, strict=True)):
+            return list(tensors)
+        sizes = [min(c, n) for c, n in zip(self.crop_size, grid, strict=True)]
+        starts = [int(torch.randint(0, n - c + 1, ())) for c, n in zip(sizes, grid, strict=True)]
+        tokens = tuple(slice(s, s + c) for s, c in zip(starts, sizes, strict=True))
+        voxels = tuple(slice(s * factor, (s + c) * factor) for s, c in zip(starts, sizes, strict=True))
+        return [tensors[0][(..., *tokens)], *(t[(..., *voxels)] for t in tensors[1:])]
 
     def inputs(
         self, tokens: torch.Tensor, voxels: torch.Tensor, generator: torch.Generator | None = None
@@ -148,12 +167,14 @@ class SourceDecoderIteration:
         target = voxels[rows, target_slot][:, None]
         return codes, slots, present, target_modality, target
 
-    def __call__(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, engine: SupervisedTrainer, batchdata: dict[str, Any]) -> dict:
         device = engine.state.device
         tokens = torch.as_tensor(batchdata["tokens"]).to(device).long()
         voxels = torch.as_tensor(batchdata["voxels"]).to(device).float()
         with torch.no_grad(), torch.autocast(device.type, enabled=engine.amp, **engine.amp_kwargs):
             codes, slots, present, target_modality, target = self.inputs(tokens, voxels)
+        factor = voxels.shape[2] // tokens.shape[2]
+        codes, slots, target = self.crop([codes, slots, target], factor)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with torch.autocast(device.type, enabled=engine.amp, **engine.amp_kwargs):

@@ -129,9 +129,7 @@ STAGE2_RUNS: dict[str, RunChecks] = {
         fits_stage1=True,
     ),
     "evaluate": RunChecks(positive=("sampler#steps",), folders={"output_dir": _METRICS}, fits_stage1=True),
-    "inference": RunChecks(
-        positive=("sampler#steps", "num_samples"), counts=("seed", "num_workers"), fits_stage1=True
-    ),
+    "inference": RunChecks(positive=("sampler#steps", "num_samples"), counts=("seed", "num_workers"), fits_stage1=True),
     "generate": RunChecks(positive=("sampler#steps",), counts=("seed", "num_workers")),
 }
 """The checks of each ``maskgit_transformer`` workflow (inference and generate also check ``target_modality``)."""
@@ -164,7 +162,8 @@ def start_stage2(workflow: str = "train") -> None:
     parser = running_config()
     checks = _workflow_checks(STAGE2_RUNS, workflow)
     value = _Reader(parser)
-    validating = workflow in ("train", "train_decoder", "evaluate")  # their task is the validation's: val_target_modality, ...
+    # The task of these workflows is the validation's: val_target_modality, ...
+    validating = workflow in ("train", "train_decoder", "evaluate")
     target_key = "val_target_modality" if validating else "target_modality"
     used = {"dataset", target_key, "modalities" if validating else "source_modalities"}
     _begin(parser, value, checks, used | ({"tokenizer", "network_def", "roi_size"} if checks.fits_stage1 else set()))
