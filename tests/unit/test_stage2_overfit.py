@@ -1,12 +1,11 @@
-"""Overfit a tiny TransformerDecoder on a few paired grids: proves the masked loss trains and sources are used.
+"""Overfit a tiny TransformerDecoder on a few pairs: proves the masked loss trains and the sources' voxels are used.
 
-Each pair is (source grid of modality 0 → target grid of modality 1) with independent random tokens, so the
-target can only be reproduced by reading the source.
+Each pair is (source image of modality 0 → target token grid of modality 1), the source random voxels on the token
+grid times ``FACTOR``, the target independent random tokens, so the target can only be reproduced by reading the
+source.
 """
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch
 from prod9_ext import MaskGiTSampler, MaskGiTScheduler, TransformerDecoder
 
 SOURCE, TARGET = 0, 1
+FACTOR = 2  # voxels per token along each axis
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +28,7 @@ def _one_thread():
 def _overfit(shape: tuple[int, int, int], patch_size: int, vocab_size: int, steps: int, hidden: int) -> None:
     torch.manual_seed(0)
     pairs, repeats = 4, 4
-    sources = torch.randint(0, vocab_size, (pairs, 1, *shape))
+    sources = torch.rand(pairs, 1, *(n * FACTOR for n in shape))
     targets = torch.randint(0, vocab_size, (pairs, *shape))
     model = TransformerDecoder(
         num_layers=2,
@@ -39,6 +39,7 @@ def _overfit(shape: tuple[int, int, int], patch_size: int, vocab_size: int, step
         latent_shape=shape,
         num_modalities=2,
         patch_size=patch_size,
+        source_factor=FACTOR,
     )
     scheduler = MaskGiTScheduler(vocab_size, cond_drop_prob=0.1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
@@ -72,9 +73,7 @@ def _overfit(shape: tuple[int, int, int], patch_size: int, vocab_size: int, step
 
 
 def test_overfit_small_grid() -> None:
-    start = time.perf_counter()
     _overfit(shape=(4, 4, 4), patch_size=1, vocab_size=16, steps=250, hidden=64)
-    assert time.perf_counter() - start < 60
 
 
 @pytest.mark.slow
