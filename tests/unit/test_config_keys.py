@@ -77,3 +77,32 @@ def test_running_config_is_the_parser_evaluating_the_expression() -> None:
     assert parser.get_parsed_content("found") == 3
     with pytest.raises(RuntimeError, match="must be called from a bundle config expression"):
         running_config()
+
+
+TRANSFORMER_CONFIGS = CONFIGS.parents[1] / "maskgit_transformer" / "configs"
+
+
+@pytest.mark.parametrize(
+    ("configs", "keys"),
+    [
+        (["inference.json"], ("use_source_decoder", "source_decoder_weights", "decoder_channels", "num_samples")),
+        (["inference.json"], ("swap_codes",)),
+        (["train.json"], ("use_source_decoder", "source_decoder_weights", "decoder_channels")),
+        (["train.json", "train_decoder.json"], ("decoder_epochs", "decoder_learning_rate", "decoder_channels")),
+    ],
+)
+def test_source_decoder_keys_are_known(configs: list[str], keys: tuple[str, ...]) -> None:
+    files = tuple(str(TRANSFORMER_CONFIGS / name) for name in configs)
+    parser = ConfigParser()
+    parser.read_config(list(files))
+    parser.parse(reset=True)
+    check_config_keys(parser, BundleCommandLine(config_files=files, override_keys=keys))
+
+
+def test_misspelt_source_decoder_key_is_named() -> None:
+    parser = ConfigParser()
+    parser.read_config(str(TRANSFORMER_CONFIGS / "inference.json"))
+    parser.update({"use_source_decodr": False})
+    parser.parse(reset=True)
+    with pytest.raises(ValueError, match=r"^use_source_decodr is set but .*did you mean 'use_source_decoder'"):
+        check_config_keys(parser, BundleCommandLine((), ("use_source_decodr",)))
