@@ -5,7 +5,9 @@ lays a bundle out:
 
 * ``configs/``: every config file; the JSON ones with the overlay files' values baked in, so that a bundle exported
   with e.g. ``demo.json`` runs the small demo model with a plain ``--config_file configs/inference.json``;
-* ``models/model.pt``, or ``large_files.yml`` naming its URL and sha256 when the weights are hosted elsewhere;
+* ``models/model.pt`` and, when the bundle has one, the source-aware decoder's ``models/source_decoder.pt``, or
+  ``large_files.yml`` naming their URLs and sha256 when the weights are hosted elsewhere (the decoder's beside
+  ``model.pt``);
 * ``docs/``, ``LICENSE``;
 * ``prod9_ext/``: a copy of this package, which the configs name with ``_target_`` and ``$import``. Python finds it
   first when the bundle runs from its own folder (the current directory heads ``sys.path``), or with the folder on
@@ -40,6 +42,7 @@ __all__ = ["export_bundle"]
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEPENDENCIES_DIR = "dependencies"
 WEIGHTS = "models/model.pt"
+DECODER_WEIGHTS = "models/source_decoder.pt"  # stage 2's source-aware decoder, a file of its own
 # A config value that reaches outside its bundle folder, e.g. "$@bundle_root + '/../autoencoder_fsq'".
 _OUTSIDE_BUNDLE = re.compile(r"@bundle_root\b.*\.\.")
 
@@ -108,11 +111,14 @@ def _copy_bundle_files(source: Path, target: Path) -> None:
 
 
 def _copy_weights(source: Path, target: Path) -> None:
+    """``models/model.pt`` and, when present, ``models/source_decoder.pt``."""
     weights = source / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"no weights to export: {weights} (train the bundle first).")
     (target / WEIGHTS).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(weights, target / WEIGHTS)
+    for name in (WEIGHTS, DECODER_WEIGHTS):
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
 
 
 def _vendor_package(target: Path) -> None:
@@ -127,12 +133,19 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_large_files(root: Path, weights: Path, url: str) -> None:
-    """``large_files.yml`` as the zoo writes it; ``python -m monai.bundle download_large_files`` reads it."""
-    entry = {"path": WEIGHTS, "url": url, "hash_val": _sha256(weights), "hash_type": "sha256"}
-    lines = ["large_files:"] + [
-        f"  {'- ' if i == 0 else '  '}{key}: {json.dumps(value)}" for i, (key, value) in enumerate(entry.items())
-    ]
+def _write_large_files(root: Path, source: Path, url: str) -> None:
+    """``large_files.yml`` as the zoo writes it; ``python -m monai.bundle download_large_files`` reads it.
+
+    ``url`` is ``model.pt``'s; a ``source_decoder.pt`` is listed as hosted beside it (same folder URL)."""
+    files = {WEIGHTS: url}
+    if (source / DECODER_WEIGHTS).is_file():
+        files[DECODER_WEIGHTS] = f"{url.rsplit('/', 1)[0]}/{Path(DECODER_WEIGHTS).name}"
+    lines = ["large_files:"]
+    for path, address in files.items():
+        entry = {"path": path, "url": address, "hash_val": _sha256(source / path), "hash_type": "sha256"}
+        lines += [
+            f"  {'- ' if i == 0 else '  '}{key}: {json.dumps(value)}" for i, (key, value) in enumerate(entry.items())
+        ]
     (root / "large_files.yml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -184,7 +197,7 @@ def export_bundle(
             folder's configs, docs, LICENSE and ``models/model.pt`` are copied to ``dependencies/<folder name>/`` and
             the key set to ``"$@bundle_root + '/dependencies/<folder name>'"`` wherever a config defines it.
         weights_url: where ``models/model.pt`` will be hosted; the zip then carries ``large_files.yml`` instead of
-            the weights.
+            the weights (``models/source_decoder.pt``, when the bundle has one, listed beside it).
 
     Returns:
         The path of the zip.
@@ -228,7 +241,7 @@ def export_bundle(
         if weights_url is None:
             _copy_weights(source, root)
         else:
-            _write_large_files(root, weights, weights_url)
+            _write_large_files(root, source, weights_url)
         zip_path = Path(output_dir) / f"{source.name}_v{version}.zip"
         _zip(root, zip_path)
     return zip_path

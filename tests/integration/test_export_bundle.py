@@ -295,3 +295,27 @@ def test_refuses_an_export_that_would_not_run(source: Path, tmp_path: Path) -> N
     with pytest.raises(FileNotFoundError, match=r"missing\.json"):
         export_bundle(source, dist, overlay="missing.json")
     assert not dist.exists() or not any(dist.iterdir())
+
+
+def test_the_source_decoder_weights_travel_with_the_bundle(source: Path, tmp_path: Path) -> None:
+    """Stage 2's ``models/source_decoder.pt`` is shipped beside ``model.pt``, in the zip or in ``large_files.yml``."""
+    stage2 = tmp_path / NAME
+    shutil.copytree(source, stage2)
+    decoder = stage2 / "models" / "source_decoder.pt"
+    torch.save({"source_decoder": {}, "stage1_fingerprint": "abc"}, decoder)
+    overlay = str(source.parent / "tiny.json")
+
+    with zipfile.ZipFile(export_bundle(stage2, tmp_path / "dist", overlay=overlay)) as archive:
+        assert archive.read(f"{NAME}/models/source_decoder.pt") == decoder.read_bytes()
+
+    hosted = tmp_path / "hosted"
+    hosted.mkdir()
+    shutil.copy2(stage2 / "models" / "model.pt", hosted / "model.pt")
+    shutil.copy2(decoder, hosted / "source_decoder.pt")
+    zip_path = export_bundle(stage2, tmp_path / "dist_url", overlay=overlay, weights_url=(hosted / "model.pt").as_uri())
+    with zipfile.ZipFile(zip_path) as archive:
+        assert f"{NAME}/models/source_decoder.pt" not in archive.namelist()
+        archive.extractall(tmp_path / "unzipped")
+    bundle = tmp_path / "unzipped" / NAME
+    download_large_files(bundle_path=str(bundle))
+    assert (bundle / "models" / "source_decoder.pt").read_bytes() == decoder.read_bytes()
