@@ -1,7 +1,7 @@
 """Data for prod9: BraTS datalists, MedMNIST 3D, the embedded brain phantoms, and the one preprocessing."""
 
 from prod9_ext.data.brats import BRATS_DATA_DIR_ENV, MODALITIES, check_modalities, load_brats_datalist, modality_id
-from prod9_ext.data.datasets import DATASETS, image_keys, load_datalist, preprocessing
+from prod9_ext.data.datasets import DATASETS, cache_key, image_keys, load_datalist, preprocessing
 from prod9_ext.data.medmnist3d import (
     MEDMNIST3D_FLAGS,
     MEDMNIST3D_SIZES,
@@ -41,6 +41,7 @@ __all__ = [
     "PhantomCase",
     "ScaleIntensityMaskedPercentilesd",
     "brats_transforms",
+    "cache_key",
     "check_datalist",
     "check_image_file",
     "check_modalities",

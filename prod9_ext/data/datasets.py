@@ -6,8 +6,10 @@ The bundles set that key, and the MedMNIST 3D task (target ``image``, no sources
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from monai.data.utils import pickle_hashing
 from monai.transforms import Compose
 from torch.utils.data import Subset
 
@@ -16,7 +18,7 @@ from prod9_ext.data.medmnist3d import load_medmnist3d
 from prod9_ext.data.transforms import brats_transforms, medmnist_transforms
 from prod9_ext.data.validation import check_datalist
 
-__all__ = ["DATASETS", "image_keys", "load_datalist", "preprocessing"]
+__all__ = ["DATASETS", "cache_key", "image_keys", "load_datalist", "preprocessing"]
 
 DATASETS = ("brats", "medmnist3d")
 
@@ -87,3 +89,20 @@ def preprocessing(
     if dataset == "medmnist3d":
         return medmnist_transforms(roi_size=roi_size, train=train)
     return brats_transforms(image_keys(dataset, modalities), roi_size=roi_size, pixdim=pixdim, train=train, seg=seg)
+
+
+def cache_key(item: Any) -> bytes:
+    """The name of a case in a ``PersistentDataset`` cache (the bundles' ``hash_func``): a hash of the case's entries
+    and, for every entry naming a file, of its size and modification time, so that a file replaced in place is
+    preprocessed again instead of read stale from the cache. The preprocessing's settings enter the name through
+    ``hash_transform``."""
+    if isinstance(item, Mapping):
+        item = {key: _file_stamp(value) for key, value in item.items()}
+    return pickle_hashing(item)
+
+
+def _file_stamp(value: Any) -> Any:
+    if isinstance(value, (str, os.PathLike)) and os.path.isfile(value):
+        stat = os.stat(value)
+        return os.fspath(value), stat.st_size, stat.st_mtime_ns
+    return value
