@@ -267,7 +267,8 @@ def training_activation_bytes(
 
         def make_inputs() -> tuple[torch.Tensor, ...]:
             tokens = torch.randint(0, vocab + 1, (batch, *grid), device=device)
-            sources = torch.randint(0, vocab, (batch, 4, *grid), device=device)
+            voxels = [n * network.source_factor for n in grid]  # the sources' images on the token grid
+            sources = torch.rand(batch, 4, *voxels, device=device)
             modalities = torch.tensor([[-1, 1, 2, 3]] * batch, device=device)
             return tokens, torch.zeros(batch, dtype=torch.long, device=device), sources, modalities
 
@@ -683,6 +684,7 @@ def main(
     spacing: float | None = None,
     iterations: int = 2,
     timeout_s: float | None = None,
+    budget_s: float | None = None,
     overwrite: bool = False,
     workflows: str | Sequence[str] | None = None,
 ) -> None:
@@ -701,6 +703,10 @@ def main(
             files, 8x faster to draw than at 1 mm; 3 with ``tiny``).
         iterations: training iterations of stage 1 and stage 2 (epochs as needed, validation after the last).
         timeout_s: per workflow; a workflow still running is stopped and reported as timed out.
+        budget_s: for all the workflows together, counted from the start (phantoms included): each one gets at most
+            what is left, and those that find nothing left are reported as not run. The table is printed either way
+            (``gpu_check.sh`` gives the dry run a fixed share of the GPU machine's time). The ``-mean`` decoding
+            and the multi-GPU workflows run last, so that a budget cuts them first.
         overwrite: empty ``output_dir`` first.
         workflows: run only these (names as in the table, e.g. ``stage1-train,stage2-train``; a workflow whose
             prerequisite is not among them is skipped): the CPU cannot run them all in one sitting.
@@ -738,6 +744,8 @@ def main(
         if unknown:
             sys.exit(f"real_size_check: unknown workflows {unknown}; choose among {[w.name for w in planned]}")
         planned = [w for w in planned if w.name in chosen]
+    # Stable: the stages' order, then the second decoding mode, then the multi-GPU runs (a budget cuts those first).
+    planned.sort(key=lambda w: ("multi_gpu" in w.name, w.name.endswith("-mean")))
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -753,7 +761,12 @@ def main(
         if failed:
             results[workflow.name] = Result(workflow.name, f"skipped ({', '.join(failed)} not passed)")
             continue
-        results[workflow.name] = run_workflow(workflow, logs, env, timeout_s)
+        left = math.inf if budget_s is None else budget_s - (time.perf_counter() - started)
+        if left < 1:
+            results[workflow.name] = Result(workflow.name, "not run (budget_s spent)")
+            continue
+        limit = min(math.inf if timeout_s is None else timeout_s, left)
+        results[workflow.name] = run_workflow(workflow, logs, env, None if math.isinf(limit) else limit)
 
     estimate_amp = True if amp is None else amp
     estimate_device = "cuda" if use_cuda else "cpu"
