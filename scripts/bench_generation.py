@@ -3,9 +3,11 @@
 prod9: ``TransformerDecoder`` (hidden 256, 8 layers, 8 heads, MLP 1024, vocabulary 1000 with its FSQ levels
 [8, 5, 5, 5], the token-resolution path at 32 channels as the bundles configure it; patch size 1 up to 8³ tokens,
 2 above) with ``MaskGiTSampler``, 8/12/16 steps, with and without classifier-free guidance, conditioned on
-three source grids (T1, T1ce, T2 → FLAIR). Peers (see ``bench_diffusion`` and ``bench_autoregressive``): MONAI's
-``DiffusionModelUNet`` with DDIM-50, RFlow-30 and DDPM-1000, and MONAI's ``DecoderOnlyTransformer`` of the same
-width and depth as prod9's with ``VQVAETransformerInferer``. Every side stops at the latent grid (decoding excluded).
+three source images (T1, T1ce, T2 → FLAIR) at voxel resolution, ``source_factor`` voxels per token along each axis
+(4: the bundles' three-level stage 1), read by the space-to-depth source encoder inside every timed run. Peers (see
+``bench_diffusion`` and ``bench_autoregressive``): MONAI's ``DiffusionModelUNet`` with DDIM-50, RFlow-30 and
+DDPM-1000, and MONAI's ``DecoderOnlyTransformer`` of the same width and depth as prod9's with
+``VQVAETransformerInferer``. Every side stops at the latent grid (decoding excluded).
 
 On each grid all rows are timed round-robin (one call of each, then again), after one short warm-up call of each, so
 that machine drift hits every side of a ratio alike. The last column divides each row's median by prod9's 12-step
@@ -31,6 +33,7 @@ WIDTH, DEPTH, HEADS, FFN, VOCAB = 256, 8, 8, 1024, 1000
 FSQ_LEVELS, TOKEN_DIM = [8, 5, 5, 5], 32  # the stage-1 default codebook; the stage-2 token path of the bundles
 NUM_SOURCES = 3
 GRIDS = ((8, 8, 8), (16, 16, 16), (24, 24, 18))  # 24×24×18: a 192×192×144 brain at 8× downsampling
+SOURCE_FACTOR = 4  # voxels per token along each axis of the bundles' stage 1 (three levels)
 
 
 def _maskgit_sample(
@@ -42,12 +45,21 @@ def _maskgit_sample(
 
 
 def maskgit_workloads(
-    grid: tuple[int, int, int], steps: tuple[int, ...], guidance_scale: float, device: torch.device, amp: bool
+    grid: tuple[int, int, int],
+    steps: tuple[int, ...],
+    guidance_scale: float,
+    device: torch.device,
+    amp: bool,
+    source_factor: int = SOURCE_FACTOR,
 ) -> list[Workload]:
-    """prod9 rows, 12 steps unguided first; patch size 1 up to 8³ (plus one patch-2 row), 2 above; ± guidance."""
+    """prod9 rows, 12 steps unguided first; patch size 1 up to 8³ (plus one patch-2 row), 2 above; ± guidance.
+
+    The sources are images of ``grid * source_factor`` voxels: each run encodes them (once, as the sampler does).
+    """
+    voxels = [n * source_factor for n in grid]
     conditions = {
         "target_modality": torch.tensor([3], device=device),
-        "sources": torch.randint(0, VOCAB, (1, NUM_SOURCES, *grid), device=device),
+        "sources": torch.rand(1, NUM_SOURCES, *voxels, device=device),
         "source_modalities": torch.tensor([list(range(NUM_SOURCES))], device=device),
     }
     small = math.prod(grid) <= 8**3
@@ -61,7 +73,17 @@ def maskgit_workloads(
         if p not in models:
             torch.manual_seed(0)
             models[p] = TransformerDecoder(
-                DEPTH, WIDTH, HEADS, FFN, VOCAB, grid, 4, patch_size=p, fsq_levels=FSQ_LEVELS, token_dim=TOKEN_DIM
+                DEPTH,
+                WIDTH,
+                HEADS,
+                FFN,
+                VOCAB,
+                grid,
+                4,
+                patch_size=p,
+                fsq_levels=FSQ_LEVELS,
+                token_dim=TOKEN_DIM,
+                source_factor=source_factor,
             )
             models[p] = models[p].to(device).eval()
         label = f"prod9 MaskGiT p={p} ({math.prod(grid) // p**3} positions)" + (f", guidance w={w}" if w else "")
@@ -92,13 +114,14 @@ def generation_table(
     ddpm_prefix_steps: int = 50,
     device: str = "cpu",
     amp: bool = False,
+    source_factor: int = SOURCE_FACTOR,
 ) -> tuple[str, dict]:
     """Seconds per generated latent grid (batch 1) for every method, and each against prod9 at 12 steps.
 
     Grids above ``large_tokens`` tokens are timed ``large_repeats`` times, the others ``repeats`` times; MONAI's AR
     sampling is measured in full up to ``full_ar_tokens`` tokens and extrapolated from its first ``ar_prefix``
     tokens (rounded to whole slices) above; DDPM is timed on ``ddpm_prefix_steps`` steps and scaled to 1000.
-    ``amp``: bf16 autocast on every side.
+    ``amp``: bf16 autocast on every side. ``source_factor``: voxels per token of prod9's source images.
     """
     dev = torch.device(device)
     rows, results = [], []
@@ -106,7 +129,7 @@ def generation_table(
         n = math.prod(grid)
         count = repeats if n <= large_tokens else large_repeats
         workloads = [
-            *maskgit_workloads(grid, steps, guidance_scale, dev, amp),  # type: ignore[arg-type]
+            *maskgit_workloads(grid, steps, guidance_scale, dev, amp, source_factor),  # type: ignore[arg-type]
             *diffusion_workloads(grid, NUM_SOURCES, ddpm_prefix_steps, dev, amp),  # type: ignore[arg-type]
             ar_workload(grid, WIDTH, DEPTH, HEADS, VOCAB, full_ar_tokens, ar_prefix, count, dev, amp),  # type: ignore[arg-type]
         ]
@@ -132,7 +155,8 @@ def generation_table(
             )
         results.append({"grid": list(grid), "repeats": count, "rows": entries})
     headers = ["grid", "method", "params", "steps / calls", "seconds median [min, max]", "time / prod9 12 steps"]
-    return markdown_table(headers, rows), {"device": device, "amp": amp, "grids": results}
+    summary = {"device": device, "amp": amp, "source_factor": source_factor, "grids": results}
+    return markdown_table(headers, rows), summary
 
 
 def main(threads: int = 2, **kwargs) -> None:
