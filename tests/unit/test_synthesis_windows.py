@@ -193,3 +193,33 @@ def test_every_brain_voxel_of_an_image_larger_than_the_roi_is_synthesised(decode
 def test_bad_window_settings_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SynthesisInferer(_tokenizer(), MaskGiTSampler(), "t2", ["t1"], **kwargs)
+
+
+class SourceRecordingSampler(MaskGiTSampler):
+    """A sampler that keeps the sources every ``predict`` call was given."""
+
+    def __init__(self) -> None:
+        super().__init__(steps=STEPS)
+        self.sources: list[torch.Tensor] = []
+
+    def predict(self, model, shape, target_modality, sources=None, *args, **kwargs):  # type: ignore[override]
+        assert sources is not None
+        self.sources.append(sources.clone())
+        return super().predict(model, shape, target_modality, sources, *args, **kwargs)
+
+
+def test_each_window_reads_the_source_voxels_under_its_tokens() -> None:
+    """The image is centred in the ROI along y (6 → 8 voxels), zero-padded at the far end to whole tokens along x and
+    z (13 → 14, 11 → 12); the window of tokens ``[a, b)`` gets the voxels ``[2a, 2b)`` of that padded source."""
+    batch = _brain_batch()
+    sampler = SourceRecordingSampler()
+    inferer = SynthesisInferer(_tokenizer(), sampler, "t2", ["t1"], decode="mean")
+    inferer.synthesize(batch, _transformer(), torch.device("cpu"))
+    padded = torch.zeros(1, 1, 14, 8, 12)
+    padded[:, :, :13, 1:7, :11] = batch["t1"]
+    windows = token_windows(GRID, LATENT, overlap=0.5)
+    assert len(sampler.sources) == len(windows)
+    for window, sources in zip(windows, sampler.sources, strict=True):
+        box = tuple(slice(2 * s.start, 2 * s.stop) for s in window)
+        assert sources.shape == (1, 1, 8, 8, 8)
+        assert torch.equal(sources, padded[(..., *box)])
