@@ -14,7 +14,7 @@
 #
 # How the limits are sized (CPU figures: BENCHMARKS.md, a 2-core CPU; the GPU is taken as at least 100x faster for
 # the launch-bound small networks and 200x for the 3D convolutions at real size, in bf16):
-# - install, 45 s: the offline install of ~23 wheels and the editable build took 15-25 s on the 2-core CPU
+# - install, 45 s: the offline install of 25 wheels and the editable build took 10-25 s on the 2-core CPU
 #   (tests/system/test_offline_install.py); pip runs on one core, so about the same there.
 # - gpu-tests, 60 s: about 15 tests at toy sizes; collecting them takes 8-17 s here (torch and MONAI imports), each
 #   test's CPU reference a few seconds at most, plus CUDA's start-up (~5 s) and kernel choice.

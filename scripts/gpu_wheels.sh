@@ -157,10 +157,10 @@ for wheel in sorted(dest.glob("*.whl")):
         wrong.append(wheel.name)
     size = wheel.stat().st_size
     total += size
-    print(f"  {size / 2**20:7.2f} MB  {wheel.name}")
+    print(f"  {size / 1e6:7.2f} MB  {wheel.name}")
 if wrong:
     fail(f"wheels whose tags do not suit CPython {version} on manylinux x86_64: {', '.join(wrong)}")
-print(f"gpu_wheels: {len(wanted)} wheels, {total / 2**20:.1f} MB in {dest}/ (limit {os.environ['MAX_MB']} MB)")
-if total > float(os.environ["MAX_MB"]) * 2**20:
-    fail(f"the wheels take {total / 2**20:.1f} MB, more than {os.environ['MAX_MB']} MB")
+print(f"gpu_wheels: {len(wanted)} wheels, {total / 1e6:.1f} MB in {dest}/ (limit {os.environ['MAX_MB']} MB)")
+if total > float(os.environ["MAX_MB"]) * 1e6:
+    fail(f"the wheels take {total / 1e6:.1f} MB, more than {os.environ['MAX_MB']} MB")
 PY
