@@ -1,9 +1,10 @@
-"""The dry run's helpers: activation memory from saved tensors, log timings, the grid check."""
+"""The dry run's helpers: activation memory from saved tensors, log timings, the grid check; its time budget."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -104,3 +105,18 @@ def test_report_of_a_subset_of_the_workflows() -> None:
     assert "| stage1-train | ok | 10.0 | 4.0 / step (2 steps) |" in text
     assert "Stage 2" not in text
     assert "- stage 1 (sliding-window reconstruction of the 4 contrasts): –" in text
+
+
+def test_budget_stops_starting_workflows_and_the_table_still_prints(tmp_path: Path) -> None:
+    """``--budget_s``: a workflow that finds the budget spent is a row "not run", the report is written, the exit is
+    non-zero; the ``-mean`` decoding and the multi-GPU runs come after the others."""
+    command = [sys.executable, str(Path(rsc.__file__)), "--output_dir", str(tmp_path), "--tiny", "true"]
+    command += ["--num_cases", "3", "--device", "cpu", "--budget_s", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    report = (tmp_path / "real_size_check.md").read_text()
+    rows = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| stage")]
+    assert "| stage1-train | not run (budget_s spent) |" in report
+    assert rows.index("stage1-multi_gpu_train") == 3 and rows[-1] == "stage2-multi_gpu_train"
+    assert rows.index("stage2-evaluate-mean") > rows.index("stage2-inference-sample")
+    assert "did not pass" in result.stderr
