@@ -14,10 +14,10 @@
 # downloaded. Every wheel's tags must suit the target (cp3XX, abi3 or py3, manylinux/any). The total must stay under
 # MAX_MB (40 MB: the transfer to the GPU machine carries 64 MiB with the checkout).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-
 PYTHON_VERSION=${1:-3.12}
-DEST=${2:-wheelhouse}
+DEST=${2:+$(realpath -m "$2")}  # a DEST given is relative to where the command runs; the default is in the checkout
+cd "$(dirname "$0")/.."
+DEST=${DEST:-wheelhouse}
 export MACHINE_TORCH=${MACHINE_TORCH:-2.11.0}
 export MACHINE_TORCHVISION=${MACHINE_TORCHVISION:-0.26.0}
 # What the GPU machine (the `nvidia-h200` image) has besides torch and torchvision; torch's own dependencies are
@@ -39,7 +39,6 @@ exec "$PYTHON" - "$PYTHON_VERSION" "$DEST" <<'PY'
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
