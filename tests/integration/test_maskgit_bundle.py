@@ -34,7 +34,8 @@ def _outputs(root: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def stage2_run(stage1_run: Stage1Run, phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two epochs of the tiny transformer, validated after each."""
+    """Two epochs of the tiny transformer, validated after each; then one epoch of its source-aware decoder
+    (``train_decoder.json`` over ``train.json``), whose ``models/source_decoder.pt`` inference and evaluation use."""
     root = tmp_path_factory.mktemp("stage2")
     result = run_bundle(
         TRANSFORMER_BUNDLE,
@@ -46,6 +47,15 @@ def stage2_run(stage1_run: Stage1Run, phantom_dir: Path, tmp_path_factory: pytes
         "--val_interval", "1",
     )  # fmt: skip
     (root / "train.log").write_text(result.stdout + result.stderr)
+    result = run_bundle(
+        TRANSFORMER_BUNDLE,
+        ["train.json", "train_decoder.json"],
+        *stage1_run.stage2_args(phantom_dir),
+        *TINY_TRANSFORMER,
+        *_outputs(root),
+        "--decoder_epochs", "1",
+    )  # fmt: skip
+    (root / "train_decoder.log").write_text(result.stdout + result.stderr)
     return root
 
 
@@ -66,6 +76,25 @@ def test_train_writes_model_metrics_and_snapshots(stage2_run: Path) -> None:
     tokens = np.load(cached[0])["tokens"]
     assert tokens.shape[0] == 4 and all(n >= g for n, g in zip(tokens.shape[1:], (12, 16, 12), strict=True))
     assert tokens.min() >= 0 and tokens.max() < 1000
+
+
+def test_train_decoder_writes_its_own_weights_file(stage2_run: Path, stage1_run: Stage1Run) -> None:
+    """train_decoder.json reads the stage-2 run's token cache and its voxels, trains the decoder beside the frozen
+    transformer, and writes the decoder's own ``source_decoder.pt`` with the stage-1 fingerprint."""
+    log = (stage2_run / "train_decoder.log").read_text()
+    assert "0 cases encoded now, 4 reused" in log  # the stage-2 run's token cache, voxels included
+    assert re.search(r"Epoch\[1\] Complete", log)
+    saved = torch.load(stage2_run / "models" / "source_decoder.pt", map_location="cpu", weights_only=True)
+    assert set(saved) == {"source_decoder", "stage1_fingerprint"}
+    assert any(key.startswith("branches.") for key in saved["source_decoder"])
+    branches = [value for key, value in saved["source_decoder"].items() if key.startswith("branches.")]
+    assert any(value.abs().max() > 0 for value in branches)  # trained away from the zero initialisation
+    assert len(saved["stage1_fingerprint"]) == 16
+    assert sorted(p.name for p in (stage2_run / "cache").glob("*/*.voxels.npy")) == [
+        f"Phantom_0000{i}.voxels.npy" for i in range(4)
+    ]
+    assert (stage2_run / "eval" / "run_record_train_decoder.json").is_file()
+    assert list((stage2_run / "models" / "source_decoder").glob("checkpoint_epoch=1.pt"))
 
 
 def test_second_run_reuses_token_cache_and_resumes(stage2_run: Path, stage1_run: Stage1Run, phantom_dir: Path) -> None:
@@ -127,25 +156,56 @@ def test_evaluate_split_test_scores_the_held_out_test_case(
     assert (out / "cases" / f"{TEST_CASE}.png").is_file() and not (out / "cases" / f"{HELD_OUT}.png").exists()
 
 
-@pytest.mark.parametrize(
-    ("target", "sources"), [("t2", ["t1"]), ("flair", ["t1", "t1ce", "t2"])], ids=["t1_to_t2", "three_to_flair"]
-)
-def test_inference_synthesises_in_the_input_space(
-    stage2_run: Path, stage1_run: Stage1Run, phantom_dir: Path, target: str, sources: list[str]
-) -> None:
-    out = stage2_run / f"infer_{target}"
-    case_dir = phantom_dir / HELD_OUT
-    inputs = {m: str(case_dir / f"{HELD_OUT}_{m}.nii.gz") for m in sources}
-    run_bundle(
+def _infer(
+    stage2_run: Path,
+    stage1_run: Stage1Run,
+    phantom_dir: Path,
+    out: Path,
+    *overrides: str,
+    inputs: object = None,
+    sources: tuple[str, ...] = ("t1",),
+    expect_failure: bool = False,
+) -> subprocess.CompletedProcess:
+    """inference.json with the trained models on ``inputs`` (default: the held-out case's folder)."""
+    return run_bundle(
         TRANSFORMER_BUNDLE,
         ["inference.json"],
         *stage1_run.stage2_args(phantom_dir),
         *TINY_TRANSFORMER[:10],  # the network and ROI; inference has no batch size or warm-up
         "--ckpt_dir", str(stage2_run / "models"),
         "--output_dir", str(out),
-        "--input_files", json.dumps([inputs]),
+        "--input_files", json.dumps([inputs or str(phantom_dir / HELD_OUT)]),
+        "--source_modalities", json.dumps(list(sources)),
+        *overrides,
+        expect_failure=expect_failure,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("target", "sources", "use_source_decoder"),
+    [("t2", ["t1"], "true"), ("flair", ["t1", "t1ce", "t2"], "true"), ("t2", ["t1"], "false")],
+    ids=["t1_to_t2", "three_to_flair", "t1_to_t2_stage1_decoder"],
+)
+def test_inference_synthesises_in_the_input_space(
+    stage2_run: Path,
+    stage1_run: Stage1Run,
+    phantom_dir: Path,
+    target: str,
+    sources: list[str],
+    use_source_decoder: str,
+) -> None:
+    out = stage2_run / f"infer_{target}_{use_source_decoder}"
+    case_dir = phantom_dir / HELD_OUT
+    inputs = {m: str(case_dir / f"{HELD_OUT}_{m}.nii.gz") for m in sources}
+    _infer(
+        stage2_run,
+        stage1_run,
+        phantom_dir,
+        out,
         "--target_modality", target,
-        "--source_modalities", json.dumps(sources),
+        "--use_source_decoder", use_source_decoder,
+        inputs=inputs,
+        sources=tuple(sources),
     )  # fmt: skip
     written = sorted(p.name for p in out.iterdir())
     assert written == [f"{HELD_OUT}_{target}_synth.nii.gz", "run_record_inference.json"]
@@ -153,6 +213,58 @@ def test_inference_synthesises_in_the_input_space(
     assert synthesised.shape == real.shape
     np.testing.assert_allclose(synthesised.affine, real.affine, atol=1e-5)
     assert np.isfinite(np.asarray(synthesised.dataobj)).all()
+
+
+def test_the_source_decoder_changes_the_synthesis_and_several_samples_give_their_spread(
+    stage2_run: Path, stage1_run: Stage1Run, phantom_dir: Path
+) -> None:
+    """Same seed, same tokens: decoding with the trained source-aware decoder differs from stage 1's decoding (its
+    branches have left zero); ``--num_samples 2`` writes the mean and ``<case>_t2_synth_std.nii.gz`` beside it."""
+    volumes = {}
+    for use in ("true", "false"):
+        out = stage2_run / f"two_samples_decoder_{use}"
+        overrides = ["--use_source_decoder", use, "--seed", "5", "--num_samples", "2", "--sampler#steps", "2"]
+        _infer(stage2_run, stage1_run, phantom_dir, out, *overrides)
+        written = sorted(p.name for p in out.glob("*.nii.gz"))
+        assert written == [f"{HELD_OUT}_t2_synth.nii.gz", f"{HELD_OUT}_t2_synth_std.nii.gz"]
+        mean, spread = (nib.load(out / name) for name in written)
+        assert spread.shape == mean.shape == nib.load(phantom_dir / HELD_OUT / f"{HELD_OUT}_t1.nii.gz").shape
+        np.testing.assert_allclose(spread.affine, mean.affine, atol=1e-5)
+        std = np.asarray(spread.dataobj)
+        assert np.isfinite(std).all() and std.min() >= 0 and std.max() > 0
+        volumes[use] = np.asarray(mean.dataobj)
+    assert not np.array_equal(volumes["true"], volumes["false"])
+
+
+def test_a_missing_or_foreign_decoder_file_stops_inference_in_one_line(
+    stage2_run: Path, stage1_run: Stage1Run, phantom_dir: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "models" / "no_decoder.pt"
+    result = _infer(
+        stage2_run,
+        stage1_run,
+        phantom_dir,
+        tmp_path / "out",
+        "--use_source_decoder", "true",
+        "--source_decoder_weights", str(missing),
+        expect_failure=True,
+    )  # fmt: skip
+    line = last_error_line(result)
+    assert str(missing) in line and "no such file" in line
+    foreign = tmp_path / "foreign_decoder.pt"
+    saved = torch.load(stage2_run / "models" / "source_decoder.pt", map_location="cpu", weights_only=True)
+    torch.save({**saved, "stage1_fingerprint": "0123456789abcdef"}, foreign)
+    result = _infer(
+        stage2_run,
+        stage1_run,
+        phantom_dir,
+        tmp_path / "out",
+        "--source_decoder_weights", str(foreign),
+        expect_failure=True,
+    )  # fmt: skip
+    line = last_error_line(result)
+    assert str(foreign) in line and "another stage 1" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.nii.gz"))
 
 
 def test_inference_refuses_to_overwrite(stage2_run: Path, stage1_run: Stage1Run, phantom_dir: Path) -> None:
@@ -310,6 +422,7 @@ def test_stage1_weights_as_stage2_model_are_one_line(stage1_run: Stage1Run, phan
         "--output_dir", str(tmp_path / "out"),
         "--input_files", json.dumps([str(phantom_dir / HELD_OUT)]),
         "--source_modalities", "['t1']",
+        "--use_source_decoder", "false",  # stage 1's folder has no source_decoder.pt either
         expect_failure=True,
     )  # fmt: skip
     line = last_error_line(result)

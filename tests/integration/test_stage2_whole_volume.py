@@ -2,7 +2,8 @@
 
 The MNI152 2009 T1 at 1 mm (a brain 155 mm tall) through the tiny models' 48 x 64 x 48 ROI at 3 mm (144 mm tall),
 with untrained networks (only the geometry is under test): every brain voxel of the input must come out synthesised,
-on the input's grid.
+on the input's grid, whether stage 1's decoder or the source-aware decoder (an untrained one: it decodes as stage 1,
+window by window with the sources' voxels) makes the image.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from prod9_ext.source_decoder import SourceAwareDecoder, save_source_decoder
 from tests.integration.conftest import (
     TINY_AUTOENCODER_SETTINGS,
     TINY_TRANSFORMER,
@@ -50,6 +52,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     parser.update({"bundle_root": str(TRANSFORMER_BUNDLE), **overrides})
     (root / "models").mkdir()
     torch.save(parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
+    tokenizer = parser.get_parsed_content("tokenizer")
+    decoder = SourceAwareDecoder(tokenizer.wrapper.autoencoder, num_modalities=4, channels=parser["decoder_channels"])
+    save_source_decoder(decoder, root / "models" / "source_decoder.pt", tokenizer.fingerprint)
     return [
         "--autoencoder_config", json.dumps(overrides["autoencoder_config"]),
         "--autoencoder_weights", overrides["autoencoder_weights"],
@@ -94,7 +99,10 @@ def test_mni_brain_is_taller_than_the_roi(mni_t1: Path) -> None:
     assert height_mm > roi_height_mm
 
 
-def test_one_nifti_file_gives_its_whole_brain_expected_code(models: list[str], mni_t1: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("use_source_decoder", ["true", "false"])
+def test_one_nifti_file_gives_its_whole_brain_expected_code(
+    models: list[str], mni_t1: Path, tmp_path: Path, use_source_decoder: str
+) -> None:
     run_bundle(
         TRANSFORMER_BUNDLE,
         ["inference.json"],
@@ -102,6 +110,7 @@ def test_one_nifti_file_gives_its_whole_brain_expected_code(models: list[str], m
         "--input_files", str(mni_t1),
         "--output_dir", str(tmp_path),
         "--decode_mode", "mean",
+        "--use_source_decoder", use_source_decoder,
     )  # fmt: skip
     _assert_whole_brain_on_the_input_grid(tmp_path / "patient1_t2_synth.nii.gz", mni_t1)
 
