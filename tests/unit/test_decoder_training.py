@@ -192,3 +192,28 @@ def test_bad_settings_are_refused(kwargs: dict, match: str) -> None:
         _iteration(_tokenizer(), **kwargs)
     with pytest.raises(TypeError, match="SourceAwareDecoder"):
         SourceDecoderSaver(torch.nn.Linear(1, 1), "x.pt", "abc")
+
+
+def _coordinates(channels: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """``[1, channels, *shape]`` whose value at ``(c, x, y, z)`` is ``1 + c * 10^6 + x * 10^4 + y * 100 + z``."""
+    c, x, y, z = torch.meshgrid(torch.arange(channels), *(torch.arange(n) for n in shape), indexing="ij")
+    return (1 + c * 10**6 + x * 10**4 + y * 100 + z).double()[None]
+
+
+def test_training_windows_of_codes_and_voxels_are_aligned() -> None:
+    """``crop_size``: the codes' window of tokens and the sources' and target's windows of voxels are the same box."""
+    iteration = _iteration(_tokenizer(), crop_size=(3, 4, 2))
+    codes, slots, target = _coordinates(3, (6, 8, 5)), _coordinates(M, (12, 16, 10)), _coordinates(1, (12, 16, 10))
+    torch.manual_seed(0)
+    for _ in range(5):
+        cropped_codes, cropped_slots, cropped_target = iteration.crop([codes, slots, target], 2)
+        assert cropped_codes.shape == (1, 3, 3, 4, 2)
+        assert cropped_slots.shape == (1, M, 6, 8, 4) and cropped_target.shape == (1, 1, 6, 8, 4)
+        corner = int(cropped_codes[0, 0, 0, 0, 0]) - 1
+        start = (corner // 10**4, corner // 100 % 100, corner % 100)
+        box = tuple(slice(2 * s, 2 * (s + n)) for s, n in zip(start, (3, 4, 2), strict=True))
+        assert torch.equal(cropped_slots, slots[(..., *box)]) and torch.equal(cropped_target, target[(..., *box)])
+    whole = _iteration(_tokenizer(), crop_size=(6, 8, 5)).crop([codes, slots, target], 2)
+    assert all(a is b for a, b in zip(whole, (codes, slots, target), strict=True))  # no smaller than the grid
+    with pytest.raises(ValueError, match="crop_size"):
+        _iteration(_tokenizer(), crop_size=(3, 0, 2))
