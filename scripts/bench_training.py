@@ -42,6 +42,8 @@ STAGE1_KEYS = (
 )
 STAGE2_KEYS = ("num_layers", "hidden_dim", "num_heads", "ffn_dim", "patch_size", "dropout")
 
+SOURCE_FACTOR = 4  # voxels per token along each axis of the bundles' stage 1 (three levels)
+
 
 def demo_settings(bundle: str) -> dict:
     """``configs/train.json`` of ``bundle`` with its ``configs/demo.json`` overlay applied (``a#b`` keys: nested)."""
@@ -140,15 +142,21 @@ def _stage2(
     amp: bool,
     steps: int,
 ) -> tuple[SupervisedTrainer, torch.nn.Module]:
-    """A stage-2 trainer over ``steps`` random batches of four token grids (T1, T1ce, T2, FLAIR) of FSQ tokens."""
+    """A stage-2 trainer over ``steps`` random batches of four token grids (T1, T1ce, T2, FLAIR) of FSQ tokens and
+    their source images (``SOURCE_FACTOR`` voxels per token along each axis, as the bundles' stage 1)."""
     torch.manual_seed(0)
     vocab = math.prod(fsq_levels)
     transformer = TransformerDecoder(
-        vocab_size=vocab, latent_shape=grid, num_modalities=4, fsq_levels=fsq_levels, **network
-    ).to(device)
+        vocab_size=vocab, latent_shape=grid, num_modalities=4, fsq_levels=fsq_levels, source_factor=SOURCE_FACTOR,
+        **network,
+    ).to(device)  # fmt: skip
     scheduler = MaskGiTScheduler(vocab)
     iteration = MaskGiTIteration(scheduler, slot_modalities=range(4))
-    batches = [{"tokens": torch.randint(0, vocab, (batch_size, 4, *grid))} for _ in range(steps)]
+    voxels = [n * SOURCE_FACTOR for n in grid]
+    batches = [
+        {"tokens": torch.randint(0, vocab, (batch_size, 4, *grid)), "voxels": torch.rand(batch_size, 4, *voxels)}
+        for _ in range(steps)
+    ]
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     return _trainer(transformer, optimizer, iteration, scheduler.loss, batches, device, amp), transformer
 

@@ -120,16 +120,24 @@ class SourceDecoderIteration:
         if self.crop_size is not None and (len(self.crop_size) != 3 or min(self.crop_size) < 1):
             raise ValueError(f"crop_size must be 3 positive sizes, got {crop_size}")
 
-    def crop(self, tensors: Sequence[torch.Tensor], factor: int) -> list[torch.Tensor]:
+    def crop(self, tensors: Sequence[torch.Tensor], factor: int, tries: int = 4) -> list[torch.Tensor]:
         """A random window of ``crop_size`` tokens of every tensor: the first on the token grid, the others on the
-        voxel grid (``factor`` times larger)."""
+        voxel grid (``factor`` times larger). Of ``tries`` random windows, the one where the last tensor (the
+        target) has the most nonzero voxels: a window of background teaches the decoder nothing."""
         grid = tensors[0].shape[2:]
         if self.crop_size is None or all(c >= n for c, n in zip(self.crop_size, grid, strict=True)):
             return list(tensors)
         sizes = [min(c, n) for c, n in zip(self.crop_size, grid, strict=True)]
-        starts = [int(torch.randint(0, n - c + 1, ())) for c, n in zip(sizes, grid, strict=True)]
-        tokens = tuple(slice(s, s + c) for s, c in zip(starts, sizes, strict=True))
-        voxels = tuple(slice(s * factor, (s + c) * factor) for s, c in zip(starts, sizes, strict=True))
+        best, best_count = None, -1
+        for _ in range(tries):
+            starts = [int(torch.randint(0, n - c + 1, ())) for c, n in zip(sizes, grid, strict=True)]
+            voxels = tuple(slice(s * factor, (s + c) * factor) for s, c in zip(starts, sizes, strict=True))
+            count = int((tensors[-1][(..., *voxels)] != 0).sum())
+            if count > best_count:
+                best, best_count = starts, count
+        assert best is not None
+        tokens = tuple(slice(s, s + c) for s, c in zip(best, sizes, strict=True))
+        voxels = tuple(slice(s * factor, (s + c) * factor) for s, c in zip(best, sizes, strict=True))
         return [tensors[0][(..., *tokens)], *(t[(..., *voxels)] for t in tensors[1:])]
 
     def inputs(

@@ -115,14 +115,17 @@ def test_stage2_training_step_autocasts_on_the_cpu(amp: bool) -> None:
     torch.manual_seed(0)
     vocab, grid = 125, (4, 4, 4)
     model = TransformerDecoder(
-        vocab_size=vocab, latent_shape=grid, num_modalities=4, num_layers=1, hidden_dim=32, num_heads=2, ffn_dim=64
-    )
+        vocab_size=vocab, latent_shape=grid, num_modalities=4, num_layers=1, hidden_dim=32, num_heads=2, ffn_dim=64,
+        source_factor=2,
+    )  # fmt: skip
     dtypes = _output_dtypes(model, nn.Linear)
     scheduler = MaskGiTScheduler(vocab)
     trainer = Bf16Trainer(
         device=CPU,
         max_epochs=1,
-        train_data_loader=[{"tokens": torch.randint(0, vocab, (2, 4, *grid))}],
+        train_data_loader=[
+            {"tokens": torch.randint(0, vocab, (2, 4, *grid)), "voxels": torch.rand(2, 4, *(2 * n for n in grid))}
+        ],
         network=model,
         optimizer=torch.optim.AdamW(model.parameters(), 1e-4),
         loss_function=scheduler.loss,
