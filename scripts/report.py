@@ -233,7 +233,13 @@ def write_report(
         if comparison is not None:
             pictures.append(f"**{case}, {name}** (rows: {', '.join(COMPARISON_ROWS)}; three mid planes)")
             pictures += ["", f"![{case} {task}]({os.path.relpath(comparison, out)})", ""]
-        accuracy = _load(out / "transformer" / f"evaluate_{task}" / "metrics.json")["mean"]["val_token_accuracy"]
+        evaluation = _load(out / "transformer" / f"evaluate_{task}" / "metrics.json")
+        accuracy = evaluation["mean"]["val_token_accuracy"]
+        for item in sorted(evaluation["per_item"]):
+            png = out / "transformer" / f"evaluate_{task}" / "cases" / f"{item}.png"
+            if png.is_file():
+                pictures.append(f"**{item}, {name}** (`evaluate.json`; rows: closest source, synthesised, real)")
+                pictures += ["", f"![{item} {task}]({os.path.relpath(png, out)})", ""]
         verdicts.append(
             f"- {name}: the expected code's nearest tokens match the real target's at {_fmt(accuracy)} of the "
             "token grid (`evaluate.json`)."

@@ -14,6 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = {"t2_from_t1": "t2", "flair_from_t1_t1ce_t2": "flair"}
+ROWS = ("mean", "sample", "mean_of_4_samples", "mean_stage1_decoder", "token_swap")
 
 
 @pytest.mark.slow
@@ -26,6 +27,9 @@ def test_quickstart_smoke_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert "python -m monai.bundle run" in report and "| **total** |" in report
     assert "the test split" in report
     assert "| T1 → T2 | regression peer: MONAI BasicUNet" in report
+    for title in ("expected code, source-aware decoder", "one MaskGiT sample", "mean of 4 MaskGiT samples",
+                  "stage 1's decoder", "another case", "copy the source"):  # fmt: skip
+        assert title in report, title
     peer = json.loads((tmp_path / "peer" / "metrics.json").read_text())
     assert sorted(peer) == sorted(TASKS) and all(0 < peer[task]["ssim"] <= 1 for task in TASKS)
     assert "| report: score the block-PCA codes on the held-out cases |" in report  # its time counts too
@@ -44,13 +48,18 @@ def test_quickstart_smoke_end_to_end_and_rerun(tmp_path: Path) -> None:
         for case in names:
             assert (tmp_path / "transformer" / f"evaluate_{task}" / "cases" / f"{case}.png").is_file()
             assert f"evaluate_{task}/cases/{case}.png" in report
-            synthesised = nib.load(tmp_path / "synthesis" / task / f"{case}_{target}_synth.nii.gz")
             real = nib.load(tmp_path / "data" / case / f"{case}_{target}.nii.gz")
-            assert synthesised.shape == real.shape
-            np.testing.assert_allclose(synthesised.affine, real.affine, atol=1e-5)
+            for row in ROWS:
+                synthesised = nib.load(tmp_path / "synthesis" / task / row / f"{case}_{target}_synth.nii.gz")
+                assert synthesised.shape == real.shape
+                np.testing.assert_allclose(synthesised.affine, real.affine, atol=1e-5)
+            assert (tmp_path / "synthesis" / task / "mean_of_4_samples" / f"{case}_{target}_synth_std.nii.gz").is_file()
+        scores = json.loads((tmp_path / "scores" / task / "mean.json").read_text())
+        assert sorted(scores["cases"]) == names and math.isfinite(scores["mean"]["hfen"])
 
     # a rerun skips every finished step (the phantoms exist, so they are not even listed) and rewrites the report
     second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-4000:]
-    assert second.stdout.count("done before, skipped") == 4 + 2 * len(TASKS)  # stage 1 ×2, stage 2, tasks, peer
+    # stage 1 ×2, stage 2, decoder, peer; per task: evaluation, one synthesis per row, one score per row, peer, copy
+    assert second.stdout.count("done before, skipped") == 5 + len(TASKS) * (1 + 2 * len(ROWS) + 2)
     assert "monai.bundle run" not in second.stdout
