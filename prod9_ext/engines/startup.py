@@ -7,7 +7,8 @@ Each bundle's configs name one start-up call, e.g. ``"startup": "$prod9_ext.engi
 1. make a failure end in one line (:func:`prod9_ext.engines.error_summary.install`);
 2. refuse config keys the run would ignore (:func:`prod9_ext.engines.config_keys.check_config_keys`);
 3. check the device, the numbers and the ROI (:func:`check_device`, :func:`check_ints`, :func:`check_numbers`,
-   :func:`check_roi_size`), and that no earlier results are in the way (:func:`check_output_dir`);
+   :func:`check_roi_size`), and that no earlier results are in the way (:func:`check_output_dir`); read the
+   datalists and fill the datasets' disk caches (:func:`fill_disk_cache`: stage 1's training and evaluation);
 4. seed the run (``seed``, plus the process ``rank`` in a multi-GPU run);
 5. stage 2 only: check that it fits its stage-1 tokenizer (:func:`check_stage2_setup`).
 
@@ -24,16 +25,20 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from monai.bundle import ConfigParser
+from monai.data import PersistentDataset
 from monai.engines import SupervisedTrainer
 from monai.engines.workflow import Workflow
 from monai.utils import set_determinism, str2bool
+from torch.utils.data import DataLoader, Subset
 
 from prod9_ext.data.brats import MODALITIES, SINGLE_IMAGE, check_modalities
 from prod9_ext.engines import error_summary
@@ -55,6 +60,7 @@ __all__ = [
     "check_output_dir",
     "check_roi_size",
     "check_stage2_setup",
+    "fill_disk_cache",
     "start_stage1",
     "start_stage2",
 ]
@@ -71,6 +77,9 @@ class RunChecks:
         counts: integers ``>= 0`` (``early_stop_patience`` may also be ``null``: off).
         numbers: finite numbers ``>= 0``.
         folders: output folder key -> the names (``fnmatch`` patterns) of the result files a run there writes.
+        datasets: config ids of the datasets the run reads: their datalists are read first (every file's header
+            checked), then every case not yet in a dataset's disk cache is preprocessed into it
+            (:func:`fill_disk_cache`), so that a bad case stops the run before training writes anything.
         resumable: a training run, whose ``resume`` lets it continue the results in its folders.
         fits_stage1: stage 2: check the network and the modalities against the stage-1 tokenizer.
     """
@@ -79,6 +88,7 @@ class RunChecks:
     counts: tuple[str, ...] = ()
     numbers: tuple[str, ...] = ()
     folders: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    datasets: tuple[str, ...] = ()
     resumable: bool = False
     fits_stage1: bool = False
 
@@ -104,9 +114,12 @@ STAGE1_RUNS: dict[str, RunChecks] = {
         ),
         numbers=("learning_rate", "d_learning_rate", "ssim_weight", "adv_weight", "perceptual_weight"),
         folders={"ckpt_dir": _CHECKPOINTS, "output_dir": ("events.out.tfevents.*", "reconstruction_epoch*.png")},
+        datasets=("train#dataset", "validate#dataset"),
         resumable=True,
     ),
-    "evaluate": RunChecks(counts=("seed", "num_workers"), folders={"output_dir": _METRICS}),
+    "evaluate": RunChecks(
+        counts=("seed", "num_workers"), folders={"output_dir": _METRICS}, datasets=("validate#dataset",)
+    ),
     "inference": RunChecks(counts=("seed", "num_workers"), folders={"output_dir": ("*_recon.nii.gz", "*_tokens.npz")}),
 }
 """The checks of each ``autoencoder_fsq`` workflow (every one also checks ``roi_size`` against the network)."""
@@ -219,11 +232,39 @@ def _begin(parser: ConfigParser, value: _Reader, checks: RunChecks, used: set[st
 
 
 def _end(value: _Reader, checks: RunChecks) -> None:
-    """The output folders, then the seed (after any process group is set up: ``rank`` is read here)."""
+    """The output folders, the datasets, then the seed (after any process group is set up: ``rank`` is read here)."""
     resume = value("resume") if checks.resumable else False
     for key, patterns in checks.folders.items():
         check_output_dir(key, value(key), list(patterns), value("overwrite"), resume=resume)
+    for key in checks.datasets:
+        value(f"{key}#data")  # parsed once: the datasets reuse it
+    for key in checks.datasets:
+        fill_disk_cache(value(key), value("num_workers"))
     set_determinism(seed=value("seed") + value("rank", 0))
+
+
+def fill_disk_cache(dataset: Any, num_workers: int = 0) -> None:
+    """Preprocess every case of a ``PersistentDataset`` that is not in its disk cache yet, before training starts.
+
+    This is what ``CacheDataset`` does in memory: every case goes through the deterministic preprocessing (and its
+    checks of the voxel values) once, here, so that a bad case stops the run before the trainer writes anything, and
+    the first epoch reads from the cache. In a multi-process run each process fills its share. Any other dataset
+    (no disk cache) is left alone.
+    """
+    if not isinstance(dataset, PersistentDataset) or dataset.cache_dir is None or len(dataset) == 0:
+        return
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    share = Subset(dataset, range(rank, len(dataset), world))
+    started = time.perf_counter()
+    for _ in DataLoader(share, batch_size=1, num_workers=num_workers, collate_fn=_nothing):
+        pass
+    seconds = time.perf_counter() - started
+    logger.info(f"{len(share)} cases preprocessed or found in the disk cache {dataset.cache_dir} in {seconds:.1f} s")
+
+
+def _nothing(batch: Any) -> None:
+    """A collate function that drops the batch: the cases only need to reach the cache."""
+    return None
 
 
 def check_ints(minimum: int = 1, **values: Any) -> None:

@@ -11,6 +11,7 @@ from monai.bundle import ConfigParser
 from monai.data import PersistentDataset
 
 from prod9_ext.data import cache_key, make_phantom_dataset
+from prod9_ext.engines.startup import fill_disk_cache
 
 REPO = Path(__file__).resolve().parents[2]
 DATASETS = [
@@ -70,3 +71,13 @@ def test_stage1_cache_is_written_once_then_read_and_follows_the_settings(tmp_pat
     other = _stage1_dataset(phantoms, tmp_path / "eval", "validate", [4.0, 4.0, 4.0])[0]
     assert len(list(cache.glob("*.pt"))) == 2  # another voxel size: another file, never the stale one
     assert other["t1"].shape != first["t1"].shape
+
+
+def test_fill_disk_cache_preprocesses_every_case_before_training(tmp_path: Path) -> None:
+    phantoms = tmp_path / "phantoms"
+    make_phantom_dataset(phantoms, num_cases=4, seed=0, spacing=6.0, val_fraction=0.25)
+    dataset = _stage1_dataset(phantoms, tmp_path / "eval", "train", [6.0, 6.0, 6.0])
+    assert len(dataset) >= 2 and not list((tmp_path / "eval" / "cache").glob("*.pt"))
+    fill_disk_cache(dataset, num_workers=0)
+    assert len(list((tmp_path / "eval" / "cache").glob("*.pt"))) == len(dataset)
+    fill_disk_cache([{"t1": "not a PersistentDataset: left alone"}])
