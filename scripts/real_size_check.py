@@ -564,6 +564,15 @@ def build_workflows(
             needs=("stage2-tokenize",),
             activation="stage2",
         ),
+        Workflow(
+            "stage2-train_decoder",
+            python(
+                [*tr_configs, "train_decoder.json"],
+                {**common, **link, "decoder_epochs": epochs, **dirs(s2_models, s2 / "eval")},
+            ),
+            TRANSFORMER,
+            needs=("stage2-train",),
+        ),
     ]
     for mode in ("sample", "mean"):
         evaluate = {**common, **link, "split": "test", "decode_mode": mode, **dirs(s2_models, s2 / f"evaluate_{mode}")}
@@ -573,7 +582,7 @@ def build_workflows(
                 python([*tr_configs, "evaluate.json"], evaluate),
                 TRANSFORMER,
                 unit="case",
-                needs=("stage2-train",),
+                needs=("stage2-train_decoder",),
             )
         )
     for mode in ("sample", "mean"):
@@ -585,7 +594,7 @@ def build_workflows(
                 python(["inference.json", *tr_configs[1:]], {**infer, **dirs(s2_models, s2 / f"inference_{mode}")}),
                 TRANSFORMER,
                 unit="case*",
-                needs=("stage2-train",),
+                needs=("stage2-train_decoder",),
                 grids=[(s2 / f"inference_{mode}" / f"{test_case['case']}_t2_synth.nii.gz", t2)],
             )
         )
