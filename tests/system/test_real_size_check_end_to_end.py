@@ -16,6 +16,7 @@ WORKFLOWS = {
     "stage1-multi_gpu_train": "step",
     "stage2-tokenize": "case*",
     "stage2-train": "step",
+    "stage2-train_decoder": "step",
     "stage2-evaluate-sample": "case",
     "stage2-evaluate-mean": "case",
     "stage2-inference-sample": "case*",
