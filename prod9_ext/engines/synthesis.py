@@ -1,14 +1,14 @@
-"""Synthesis for MONAI's ``SupervisedEvaluator``: encode the sources, sample the target's tokens, decode; its scores.
+"""Synthesis for MONAI's ``SupervisedEvaluator``: sample the target's tokens given the sources' voxels, decode; scores.
 
 One path serves stage-2 validation, ``evaluate.json`` and ``inference.json``: :class:`SynthesisInferer` holds the
 stage-1 tokenizer, the sampler and the task (target and source modalities), and :func:`synthesis_iteration` is the
-evaluator's ``iteration_update``. Images come from the same preprocessing as training; validation and ``evaluate.json``
-pad/crop them to the stage-2 ROI, inference keeps the whole foreground box.
+evaluator's ``iteration_update``. Images come from the same preprocessing as training, whole: validation,
+``evaluate.json`` and inference all keep the whole foreground box.
 
 Images of any size: the transformer sees token grids of its ``latent_shape`` only (ROI / downsampling factor), so an
-image is padded to at least the ROI, tokenized whole by the stage-1 sliding window, and the target's token grid is
-filled window by window (windows of ``latent_shape`` over the grid, ``overlap`` apart), then decoded whole and
-cropped back. Sampling fills the windows in turn, each conditioned on the tokens its earlier neighbours fixed in
+image is padded to at least the ROI (and to whole tokens), and the target's token grid is filled window by window
+(windows of ``latent_shape`` over the grid, ``overlap`` apart, each reading the source voxels under it), then decoded
+whole, by stage 1's decoder or the source-aware one (``source_decoder``), and cropped back. Sampling fills the windows in turn, each conditioned on the tokens its earlier neighbours fixed in
 their overlap (MaskGiT outpainting), so the grid is one consistent sample; the expected-code decoding blends the
 windows' expected codes with ``blend_mode`` weights. An image no larger than the ROI is one window: the plain model.
 
