@@ -8,9 +8,10 @@ evaluator's ``iteration_update``. Images come from the same preprocessing as tra
 Images of any size: the transformer sees token grids of its ``latent_shape`` only (ROI / downsampling factor), so an
 image is padded to at least the ROI (and to whole tokens), and the target's token grid is filled window by window
 (windows of ``latent_shape`` over the grid, ``overlap`` apart, each reading the source voxels under it), then decoded
-whole, by stage 1's decoder or the source-aware one (``source_decoder``), and cropped back. Sampling fills the windows in turn, each conditioned on the tokens its earlier neighbours fixed in
-their overlap (MaskGiT outpainting), so the grid is one consistent sample; the expected-code decoding blends the
-windows' expected codes with ``blend_mode`` weights. An image no larger than the ROI is one window: the plain model.
+whole, by stage 1's decoder or the source-aware one (``source_decoder``), and cropped back. Sampling fills the
+windows in turn, each conditioned on the tokens its earlier neighbours fixed in their overlap (MaskGiT outpainting),
+so the grid is one consistent sample; the expected-code decoding blends the windows' expected codes with
+``blend_mode`` weights. An image no larger than the ROI is one window: the plain model.
 
 Scores MONAI does not have: :class:`RegionSSIMMetric` (SSIM inside a region, the tumour, as BraSyn reports it) and
 :class:`TokenAccuracyMetric`. Both are ``CumulativeIterationMetric`` subclasses, so MONAI's ``IgniteMetricHandler``
