@@ -30,7 +30,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-from prod9_ext.engines.stage1_training import SeparableSSIMLoss
+from prod9_ext.engines.stage1_training import SeparableSSIMLoss, unwrap_parallel
 from prod9_ext.engines.stage2_training import Stage1Tokenizer
 from prod9_ext.maskgit import MaskGiTSampler
 from prod9_ext.source_decoder import SourceAwareDecoder, load_source_decoder, save_source_decoder
@@ -141,10 +141,15 @@ class SourceDecoderIteration:
         return [tensors[0][(..., *tokens)], *(t[(..., *voxels)] for t in tensors[1:])]
 
     def inputs(
-        self, tokens: torch.Tensor, voxels: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        tokens: torch.Tensor,
+        voxels: torch.Tensor,
+        generator: torch.Generator | None = None,
+        num_modalities: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(codes, slots, present, target_modality, target)`` for a batch of ``tokens [B, M, h, w, d]`` and
-        ``voxels [B, M, h*f, w*f, d*f]``; ``slots`` ``[B, num_modalities, ...]`` by modality id."""
+        ``voxels [B, M, h*f, w*f, d*f]``; ``slots`` ``[B, num_modalities, ...]`` by modality id (default: up to the
+        largest slot modality; the decoder's own count when training it, since a bundle may load fewer contrasts)."""
         b, m = tokens.shape[:2]
         device = tokens.device
         rows = torch.arange(b, device=device)
@@ -167,7 +172,7 @@ class SourceDecoderIteration:
             )  # [B, N, V]
             expected = (probs.float() @ codebook).transpose(1, 2).reshape(codes.shape)
             codes = torch.where(use_expected[:, None, None, None, None], expected, codes)
-        num_modalities = int(self.slot_modalities.max()) + 1
+        num_modalities = num_modalities or int(self.slot_modalities.max()) + 1
         slots = voxels.new_zeros(b, num_modalities, *voxels.shape[2:])
         present = torch.zeros(b, num_modalities, dtype=torch.bool, device=device)
         slots[:, slot_modalities] = voxels
@@ -180,7 +185,8 @@ class SourceDecoderIteration:
         tokens = torch.as_tensor(batchdata["tokens"]).to(device).long()
         voxels = torch.as_tensor(batchdata["voxels"]).to(device).float()
         with torch.no_grad(), torch.autocast(device.type, enabled=engine.amp, **engine.amp_kwargs):
-            codes, slots, present, target_modality, target = self.inputs(tokens, voxels)
+            modalities = int(unwrap_parallel(engine.network).num_modalities)  # type: ignore[arg-type]
+            codes, slots, present, target_modality, target = self.inputs(tokens, voxels, num_modalities=modalities)
         factor = voxels.shape[2] // tokens.shape[2]
         codes, slots, target = self.crop([codes, slots, target], factor)
         engine.network.train()
