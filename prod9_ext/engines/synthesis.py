@@ -123,6 +123,8 @@ class SynthesisInferer(Inferer):
         num_samples: ``K`` MaskGiT samples per item (``decode="sample"``); ``pred`` is their voxel-wise mean and
             ``pred_std`` their standard deviation (``K > 1``). Sample ``k`` continues the item's generator, so the
             first sample is the one ``K = 1`` gives.
+        save_samples: also output ``pred_samples``, the ``K`` samples themselves as channels ``[B, K, *spatial]``
+            (sample diversity, a single sample beside the mean).
 
     Output of :meth:`synthesize`: ``pred`` (synthesised image, ``[B, 1, *spatial]`` in [0, 1], the input's shape),
     ``tokens`` (the sampled grid of the image padded to at least the ROI; with ``decode="mean"`` the index of the
@@ -144,6 +146,7 @@ class SynthesisInferer(Inferer):
         source_decoder: SourceAwareDecoder | None = None,
         num_samples: int = 1,
         swap_codes: bool = False,
+        save_samples: bool = False,
     ) -> None:
         super().__init__()
         if num_samples < 1 or (num_samples > 1 and decode != "sample"):
@@ -171,6 +174,7 @@ class SynthesisInferer(Inferer):
         self.source_decoder = source_decoder
         self.num_samples = num_samples
         self.swap_codes = swap_codes
+        self.save_samples = save_samples
         self._item = 0
         self._previous_codes: list[torch.Tensor] = []
 
@@ -219,7 +223,7 @@ class SynthesisInferer(Inferer):
         quantizer = self.tokenizer.wrapper.autoencoder.quantizer
         codebook = quantizer.indices_to_codes(torch.arange(model.vocab_size, device=device))  # [V, C]
         windows = token_windows(grid, model.latent_shape, self.overlap)
-        decoded, spread, first_tokens = [], [], []
+        decoded, spread, samples, first_tokens = [], [], [], []
         for i in range(b):  # one generator per item: reproducible whatever the batch size
             item_target = target_ids[i : i + 1]
             conditions = (
@@ -248,6 +252,7 @@ class SynthesisInferer(Inferer):
             volumes = torch.cat([self._decode(codes, conditions, item_target, padded) for codes in draws])
             volumes = volumes.float().clamp(0.0, 1.0)
             decoded.append(volumes.mean(dim=0, keepdim=True))
+            samples.append(volumes.movedim(0, 1))
             spread.append(volumes.std(dim=0, keepdim=True) if len(draws) > 1 else torch.zeros_like(decoded[-1]))
         tokens = torch.cat(first_tokens)
         synthesised = torch.cat(decoded)
@@ -257,6 +262,8 @@ class SynthesisInferer(Inferer):
         output: dict[str, torch.Tensor] = {Keys.PRED: pred}
         if self.num_samples > 1:
             output["pred_std"] = MetaTensor(torch.cat(spread)[(..., *crop)].contiguous())
+        if self.save_samples:
+            output["pred_samples"] = MetaTensor(torch.cat(samples)[(..., *crop)].contiguous())
         output["tokens"] = tokens
         target = batch.get(self.target_modality)
         if isinstance(target, torch.Tensor):  # inference lists the target's file (when any) but does not load it

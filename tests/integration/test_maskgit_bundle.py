@@ -219,20 +219,29 @@ def test_the_source_decoder_changes_the_synthesis_and_several_samples_give_their
     stage2_run: Path, stage1_run: Stage1Run, phantom_dir: Path
 ) -> None:
     """Same seed, same tokens: decoding with the trained source-aware decoder differs from stage 1's decoding (its
-    branches have left zero); ``--num_samples 2`` writes the mean and ``<case>_t2_synth_std.nii.gz`` beside it."""
+    branches have left zero); ``--num_samples 2`` writes the mean and ``<case>_t2_synth_std.nii.gz`` beside it, and
+    ``--save_samples true`` the two samples as the channels of ``<case>_t2_synth_samples.nii.gz``."""
     volumes = {}
     for use in ("true", "false"):
         out = stage2_run / f"two_samples_decoder_{use}"
         overrides = ["--use_source_decoder", use, "--seed", "5", "--num_samples", "2", "--sampler#steps", "2"]
-        _infer(stage2_run, stage1_run, phantom_dir, out, *overrides)
+        _infer(stage2_run, stage1_run, phantom_dir, out, *overrides, "--save_samples", use)
         written = sorted(p.name for p in out.glob("*.nii.gz"))
-        assert written == [f"{HELD_OUT}_t2_synth.nii.gz", f"{HELD_OUT}_t2_synth_std.nii.gz"]
-        mean, spread = (nib.load(out / name) for name in written)
+        names = [f"{HELD_OUT}_t2_synth.nii.gz", f"{HELD_OUT}_t2_synth_std.nii.gz"]
+        if use == "true":
+            names.insert(1, f"{HELD_OUT}_t2_synth_samples.nii.gz")
+        assert written == names
+        mean, spread = nib.load(out / names[0]), nib.load(out / names[-1])
         assert spread.shape == mean.shape == nib.load(phantom_dir / HELD_OUT / f"{HELD_OUT}_t1.nii.gz").shape
         np.testing.assert_allclose(spread.affine, mean.affine, atol=1e-5)
         std = np.asarray(spread.dataobj)
         assert np.isfinite(std).all() and std.min() >= 0 and std.max() > 0
         volumes[use] = np.asarray(mean.dataobj)
+        if use == "true":
+            samples = np.asarray(nib.load(out / names[1]).dataobj)
+            assert samples.shape == (*mean.shape, 2)
+            np.testing.assert_allclose(samples.mean(-1), volumes[use], atol=1e-4)
+            np.testing.assert_allclose(samples.std(-1, ddof=1), std, atol=1e-4)
     assert not np.array_equal(volumes["true"], volumes["false"])
 
 

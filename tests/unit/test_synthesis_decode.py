@@ -143,6 +143,17 @@ def test_several_samples_give_their_mean_and_spread() -> None:
     assert not torch.allclose(two["pred"].as_tensor(), one["pred"].as_tensor())  # the mean of two draws
 
 
+def test_saved_samples_are_the_draws_behind_the_mean_and_spread() -> None:
+    tokenizer, model, batch = _tokenizer(), _sensitive_transformer(), _two_cases()
+    inferer = SynthesisInferer(tokenizer, MaskGiTSampler(steps=STEPS), "t2", ["t1"], num_samples=3, save_samples=True)
+    output = inferer.synthesize(batch, model, torch.device("cpu"))
+    samples = output["pred_samples"].as_tensor()
+    assert samples.shape == (2, 3, *IMAGE)
+    torch.testing.assert_close(samples.mean(1, keepdim=True), output["pred"].as_tensor())
+    torch.testing.assert_close(samples.std(1, keepdim=True), output["pred_std"].as_tensor())
+    assert not torch.equal(samples[:, 0], samples[:, 1])  # distinct draws
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"), [({"num_samples": 0}, "num_samples"), ({"num_samples": 2, "decode": "mean"}, "num_samples")]
 )
