@@ -81,9 +81,10 @@ class Step:
 class Runner:
     """Runs steps, prints their commands, records wall times in ``<output_dir>/steps/<name>.json``."""
 
-    def __init__(self, output_dir: Path) -> None:
+    def __init__(self, output_dir: Path, tag: str = "quickstart") -> None:
         self.records = output_dir / "steps"
         self.records.mkdir(parents=True, exist_ok=True)
+        self.tag = tag
 
     def record(self, name: str) -> dict | None:
         path = self.records / f"{name}.json"
@@ -91,25 +92,25 @@ class Runner:
 
     def run(self, step: Step) -> None:
         if self.record(step.name) is not None:
-            print(f"[quickstart] {step.name}: done before, skipped", flush=True)
+            print(f"[{self.tag}] {step.name}: done before, skipped", flush=True)
             return
         command = list(step.command)
         if step.resume_dir is not None and any(step.resume_dir.glob("checkpoint_epoch=*.pt")):
             command += ["--resume", "true"]
         shown = f"(cd {shlex.quote(os.path.relpath(step.cwd, REPO))} && {_shell(command)})"
-        print(f"\n[quickstart] {step.name}:\n  {shown}", flush=True)
+        print(f"\n[{self.tag}] {step.name}:\n  {shown}", flush=True)
         start = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads crawl when other jobs share the cores
         result = subprocess.run(command, cwd=step.cwd, env=env)
         if result.returncode != 0:
-            raise SystemExit(f"[quickstart] {step.name} failed (exit {result.returncode}); fix it and rerun: {shown}")
+            raise SystemExit(f"[{self.tag}] {step.name} failed (exit {result.returncode}); fix it and rerun: {shown}")
         seconds = time.perf_counter() - start
         record = {"seconds": seconds, "command": shown}
         from prod9_ext.atomic import atomic_write_text
 
         atomic_write_text(self.records / f"{step.name}.json", json.dumps(record, indent=2))
-        print(f"[quickstart] {step.name}: {seconds / 60:.1f} min", flush=True)
+        print(f"[{self.tag}] {step.name}: {seconds / 60:.1f} min", flush=True)
 
 
 def _list(values: list[str]) -> str:

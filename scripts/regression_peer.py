@@ -1,12 +1,12 @@
 """The peer a user would pick instead of prod9 for paired synthesis: a direct regression U-Net per task.
 
-One MONAI ``BasicUNet`` per task maps the source contrasts (as channels) to the target contrast, trained with
-L1 + 0.2 (1 - SSIM) (stage 1's weights) on ``roi_size`` crops of the training cases for a wall-time budget
-(``--seconds``, split equally between the tasks; the quickstart passes the wall time of prod9's stage 1 + stage 2
-training). Each case of ``--split`` is then predicted whole: stage 2's preprocessing without the ROI crop
-(``prod9_ext.data.preprocessing(..., roi_size=None, train=False, seg=True)``, the whole foreground box at ``pixdim``),
-in windows of the training ``roi_size`` blended by MONAI's ``SlidingWindowInferer``, so the network sees inputs of
-the size it was trained on whatever the size of the brain.
+One MONAI ``BasicUNet`` per task (or, ``--design multitask``, one for every task, :class:`TaskConditioned`) maps the
+source contrasts (as channels) to the target contrast, trained with L1 + 0.2 (1 - SSIM) (stage 1's weights) on
+``roi_size`` crops of the training cases for a wall-time budget (``--seconds``, split equally between the tasks; the
+quickstart passes the wall time of prod9's stage 1 + stage 2 training). Each case of ``--split`` is then predicted
+whole: stage 2's preprocessing without the ROI crop (``prod9_ext.data.preprocessing(..., roi_size=None, train=False,
+seg=True)``, the whole foreground box at ``pixdim``), in windows of the training ``roi_size`` blended by MONAI's
+``SlidingWindowInferer``, so the network sees inputs of the size it was trained on whatever the size of the brain.
 
     python scripts/regression_peer.py --dataset_dir outputs/quickstart/data --output_dir outputs/quickstart/peer \\
         --seconds 780 --split test
@@ -26,8 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
-from collections.abc import Iterator, Sequence
+import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import fire
@@ -42,7 +42,14 @@ from monai.utils import convert_to_tensor, set_determinism
 
 import prod9_ext.data
 from prod9_ext.atomic import atomic_write_text
-from prod9_ext.engines import RegionSSIMMetric, SaveSynthesisd, SeparableSSIMLoss, bf16_is_fast
+from prod9_ext.engines import (
+    RegionSSIMMetric,
+    SaveSynthesisd,
+    SeparableSSIMLoss,
+    bf16_is_fast,
+    endless,
+    train_for_seconds,
+)
 
 __all__ = [
     "TASKS",
@@ -63,6 +70,16 @@ TASKS: dict[str, tuple[str, list[str]]] = {
     "flair_from_t1_t1ce_t2": ("flair", ["t1", "t1ce", "t2"]),
 }
 MODALITIES = ("t1", "t1ce", "t2", "flair")
+# The BraSyn task (each contrast missing in turn, from the other three) and T1 -> T2 from one source beside it.
+BRASYN_TASKS: dict[str, tuple[str, list[str]]] = {
+    "t1_from_t1ce_t2_flair": ("t1", ["t1ce", "t2", "flair"]),
+    "t1ce_from_t1_t2_flair": ("t1ce", ["t1", "t2", "flair"]),
+    "t2_from_t1_t1ce_flair": ("t2", ["t1", "t1ce", "flair"]),
+    "flair_from_t1_t1ce_t2": ("flair", ["t1", "t1ce", "t2"]),
+    "t2_from_t1": ("t2", ["t1"]),
+}
+ALL_TASKS = TASKS | BRASYN_TASKS
+DESIGNS = ("per_task", "multitask")
 DEFAULT_FEATURES = (16, 16, 32, 64, 128, 16)
 # BasicUNet halves the grid four times: inputs are zero-padded to a multiple of this and the output cropped back.
 UNET_FACTOR = 16
@@ -77,6 +94,35 @@ def build_network(num_sources: int, features: Sequence[int] = DEFAULT_FEATURES) 
     if len(features) != 6:
         raise ValueError(f"features must hold 6 numbers (BasicUNet's), got {list(features)}.")
     return BasicUNet(spatial_dims=3, in_channels=num_sources, out_channels=1, features=tuple(features))
+
+
+class TaskConditioned(torch.nn.Module):
+    """One U-Net for every task (``--design multitask``): ``sources -> target`` through fixed input slots.
+
+    The wrapped network reads ``3 * 4`` channels: each contrast in its own slot (zero when it is not a source), an
+    availability plane per slot (1 for a source) and the target's one-hot planes. ``forward`` takes the sources as
+    :func:`predict` gives them, ``[B, len(sources), *spatial]`` in ``sources`` order.
+    """
+
+    def __init__(self, network: torch.nn.Module, target: str, sources: Sequence[str]) -> None:
+        super().__init__()
+        if target in sources or not sources or any(m not in MODALITIES for m in (target, *sources)):
+            raise ValueError(
+                f"need sources among {list(MODALITIES)} without the target {target!r}, got {list(sources)}"
+            )
+        self.network = network
+        self.slots = [MODALITIES.index(m) for m in sources]
+        self.target = MODALITIES.index(target)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, *spatial = x.shape
+        images = x.new_zeros(b, len(MODALITIES), *spatial)
+        images[:, self.slots] = x
+        available = x.new_zeros(b, len(MODALITIES), *spatial)
+        available[:, self.slots] = 1.0
+        target = x.new_zeros(b, len(MODALITIES), *spatial)
+        target[:, self.target] = 1.0
+        return self.network(torch.cat([images, available, target], dim=1))
 
 
 def _stack(batch: dict, keys: Sequence[str], device: torch.device) -> torch.Tensor:
@@ -110,12 +156,6 @@ def predict_whole(
     return inferer(sources, lambda x: predict(network, x, amp))  # type: ignore[return-value]
 
 
-def _endless(loader: DataLoader) -> Iterator[dict]:
-    """The batches of ``loader``, epoch after epoch (reshuffled and re-augmented each time)."""
-    while True:
-        yield from loader
-
-
 def train_network(
     network: torch.nn.Module,
     loader: DataLoader,
@@ -129,51 +169,53 @@ def train_network(
 ) -> dict[str, float]:
     """Train ``network`` (sources -> target) with L1 + ``ssim_weight`` (1 - SSIM) until ``seconds`` are spent.
 
-    Adam with a cosine decay of the learning rate over the *elapsed fraction* of the budget, so the schedule ends
-    when the budget does whatever the speed of the machine. The budget is checked between iterations; at least one
-    iteration runs. ``ssim_weight`` is stage 1's default, 0.2: with an equal weight the SSIM term (whose luminance
-    part punishes any nonzero value in the zero background) kept the FLAIR network near a constant for 150 s.
+    Adam with a cosine decay of the learning rate over the elapsed fraction of the budget
+    (:func:`prod9_ext.engines.train_for_seconds`). ``ssim_weight`` is stage 1's default, 0.2: with an equal weight the
+    SSIM term (whose luminance part punishes any nonzero value in the zero background) kept the FLAIR network near a
+    constant for 150 s.
 
     Returns:
-        ``iterations``, ``train_seconds`` (wall time of the loop), ``loss_first`` and ``loss_last`` (mean loss of the
-        first and of the last ``min(10, iterations // 2)`` iterations, at least one).
+        ``iterations``, ``train_seconds``, ``loss_first`` and ``loss_last`` (see ``train_for_seconds``).
     """
-    if seconds < 0:
-        raise ValueError(f"seconds must be >= 0, got {seconds}.")
-    network.to(device).train()
-    optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
+    network.to(device)
     ssim_loss = SeparableSSIMLoss(spatial_dims=3, data_range=1.0, win_size=7)
-    losses: list[float] = []
-    start = time.perf_counter()
-    for batch in _endless(loader):
-        elapsed = time.perf_counter() - start
-        if losses and elapsed >= seconds:
-            break
-        progress = min(elapsed / seconds, 1.0) if seconds > 0 else 0.0
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
-        x, y = _stack(batch, sources, device), _stack(batch, [target], device)
-        pred = predict(network, x, amp)
-        loss = F.l1_loss(pred, y) + ssim_weight * ssim_loss(pred, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{target}: the training loss is {float(loss)} at iteration {len(losses) + 1} (bf16 autocast {amp}); "
-                "rerun with --amp false"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if len(losses) % 50 == 0:
-            logger.info("%s: iteration %d, loss %.4f, %.0f s", target, len(losses), losses[-1], elapsed)
-    seconds_spent = time.perf_counter() - start
-    window = max(1, min(10, len(losses) // 2))
-    return {
-        "iterations": len(losses),
-        "train_seconds": seconds_spent,
-        "loss_first": sum(losses[:window]) / window,
-        "loss_last": sum(losses[-window:]) / window,
-    }
+
+    def loss_of(batch: dict) -> torch.Tensor:
+        pred = predict(network, _stack(batch, sources, device), amp)
+        y = _stack(batch, [target], device)
+        return F.l1_loss(pred, y) + ssim_weight * ssim_loss(pred, y)
+
+    hint = f" (bf16 autocast {amp}); rerun with --amp false"
+    return train_for_seconds(network, endless(loader), loss_of, seconds, learning_rate, target, hint)
+
+
+def train_multitask(
+    network: torch.nn.Module,
+    loader: DataLoader,
+    tasks: Sequence[str],
+    seconds: float,
+    device: torch.device,
+    amp: bool = False,
+    learning_rate: float = 2e-3,
+    ssim_weight: float = 0.2,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Train one network (:class:`TaskConditioned` inputs) on every task of ``tasks``, a task drawn per batch.
+
+    The loss and schedule are :func:`train_network`'s; the whole budget goes to the one network.
+    """
+    network.to(device)
+    ssim_loss = SeparableSSIMLoss(spatial_dims=3, data_range=1.0, win_size=7)
+    draw = random.Random(seed)
+
+    def loss_of(batch: dict) -> torch.Tensor:
+        target, sources = ALL_TASKS[draw.choice(list(tasks))]
+        pred = predict(TaskConditioned(network, target, sources), _stack(batch, sources, device), amp)
+        y = _stack(batch, [target], device)
+        return F.l1_loss(pred, y) + ssim_weight * ssim_loss(pred, y)
+
+    hint = f" (bf16 autocast {amp}); rerun with --amp false"
+    return train_for_seconds(network, endless(loader), loss_of, seconds, learning_rate, "multitask", hint)
 
 
 def load_scoring_cases(dataset_dir: str | Path, split: str, pixdim: Sequence[float]) -> tuple[Compose, Dataset]:
@@ -279,8 +321,12 @@ def main(
     device: str = "cpu",
     tasks: Sequence[str] = tuple(TASKS),
     amp: bool | None = None,
+    design: str = "per_task",
 ) -> None:
-    """Train one regression U-Net per task for ``seconds / len(tasks)`` each, score it on ``split``, write the results.
+    """Train the regression U-Net(s) of ``tasks`` for ``seconds`` in all, score them on ``split``, write the results.
+
+    ``design="per_task"``: one U-Net per task, ``seconds / len(tasks)`` each. ``design="multitask"``: one U-Net for
+    every task (:class:`TaskConditioned`), trained on all of them for the whole ``seconds``.
 
     Args:
         dataset_dir: the BraTS-layout data folder (its ``dataset.json`` lists the splits).
@@ -298,17 +344,21 @@ def main(
         clip: clip predictions to [0, 1] (the intensity range of the preprocessed targets) before scoring.
         seed: seed of the initialisation, the crops and the flips.
         device: torch device.
-        tasks: names from ``TASKS``.
+        tasks: names from ``TASKS`` (the quickstart's, the default) or ``BRASYN_TASKS``.
         amp: bf16 autocast; None: where bf16 runs in hardware (``prod9_ext.engines.bf16_is_fast``). A non-finite
             training loss stops the run with a message naming the task and iteration.
+        design: ``per_task`` or ``multitask`` (above).
 
     ``metrics.json`` holds ``{task: {"psnr", "ssim", "ssim_tumour", "ssim_rest", "cases", "iterations",
-    "train_seconds", "loss_first", "loss_last"}}``, rewritten after each task.
+    "train_seconds", "loss_first", "loss_last", "design"}}``, rewritten after each task (for ``multitask`` the
+    training figures are the one network's).
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    unknown = [task for task in tasks if task not in TASKS]
+    unknown = [task for task in tasks if task not in ALL_TASKS]
     if unknown or not tasks:
-        raise ValueError(f"tasks must name some of {list(TASKS)}, got {list(tasks)}.")
+        raise ValueError(f"tasks must name some of {list(ALL_TASKS)}, got {list(tasks)}.")
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {list(DESIGNS)}, got {design!r}.")
     if seconds < 0 or batch_size < 1:
         raise ValueError(f"need seconds >= 0 and batch_size >= 1, got {seconds} and {batch_size}.")
     torch_device = torch.device(device)
@@ -323,17 +373,26 @@ def main(
     preprocessing, cases = load_scoring_cases(dataset_dir, split, pixdim)
     logger.info("%d training cases, %d %s cases, bf16 autocast %s", len(train_data), len(cases), split, amp)
     results: dict[str, dict] = {}
-    for task in tasks:
-        target, sources = TASKS[task]
+    shared: tuple[torch.nn.Module, dict[str, float]] | None = None
+    if design == "multitask":
         torch.manual_seed(seed)
-        network = build_network(len(sources), features)
-        training = train_network(
-            network, loader, target, sources, seconds / len(tasks), torch_device, amp, learning_rate, ssim_weight
-        )
+        network = build_network(3 * len(MODALITIES), features)
+        args = (learning_rate, ssim_weight, seed)
+        shared = network, train_multitask(network, loader, tasks, seconds, torch_device, amp, *args)
+    for task in tasks:
+        target, sources = ALL_TASKS[task]
+        if shared is None:
+            torch.manual_seed(seed)
+            network = build_network(len(sources), features)
+            training = train_network(
+                network, loader, target, sources, seconds / len(tasks), torch_device, amp, learning_rate, ssim_weight
+            )
+        else:
+            network, training = TaskConditioned(shared[0], target, sources), shared[1]
         scores = score_network(
             network, cases, target, sources, torch_device, roi_size, amp, clip, (preprocessing, out / task)
         )
-        results[task] = {**scores, **training}
+        results[task] = {**scores, **training, "design": design}
         logger.info("%s: %s", task, json.dumps(results[task]))
         atomic_write_text(out / "metrics.json", json.dumps(results, indent=2) + "\n")
 

@@ -11,7 +11,9 @@
   inference), and their metrics; :mod:`~prod9_ext.engines.synthesis_io`: which cases, where the volumes go, sampling
   without sources.
 - :mod:`~prod9_ext.engines.scoring`: the whole-brain scores every synthesis method is reported with (BraSyn's
-  normalisation, PSNR, SSIM inside and outside the tumour, HFEN).
+  normalisation, PSNR, SSIM inside and outside the tumour, HFEN); :mod:`~prod9_ext.engines.uncertainty`: how well the
+  spread of several samples marks the errors; :mod:`~prod9_ext.engines.segmentation`: the tumour segmenter whose Dice
+  is BraSyn's second score.
 - :mod:`~prod9_ext.engines.checkpoints`: checkpoints that survive a kill and resume; :mod:`~prod9_ext.engines.handlers`:
   the other handlers and the files they write (metrics, snapshots, run record).
 - :mod:`~prod9_ext.engines.startup`: the one start-up call of each bundle (values, keys, folders, device, seed,
@@ -50,6 +52,16 @@ from prod9_ext.engines.scoring import (
     closest_source,
     hfen,
     score_synthesis,
+)
+from prod9_ext.engines.segmentation import (
+    BRATS_REGIONS,
+    brats_regions,
+    build_segmenter,
+    load_segmenter,
+    region_dice,
+    save_segmenter,
+    segment,
+    segmentation_loss,
 )
 from prod9_ext.engines.stage1_inference import (
     AutoencoderSlidingWindowInferer,
@@ -94,9 +106,13 @@ from prod9_ext.engines.synthesis_io import (
     generate_volumes,
     synthesis_datalist,
     synthesis_output_path,
+    write_nifti,
 )
+from prod9_ext.engines.timed_training import endless, train_for_seconds
+from prod9_ext.engines.uncertainty import calibration, sample_diversity
 
 __all__ = [
+    "BRATS_REGIONS",
     "AtomicCheckpointSaver",
     "AtomicMetricsSaver",
     "AtomicNibabelWriter",
@@ -128,27 +144,39 @@ __all__ = [
     "bf16_is_fast",
     "brain_mask",
     "brasyn_normalise",
+    "brats_regions",
     "build_perceptual_loss",
+    "build_segmenter",
     "build_source_decoder",
+    "calibration",
     "case_meta",
     "check_stage2_setup",
     "closest_source",
+    "endless",
     "generate_volumes",
     "hfen",
     "inference_datalist",
     "latest_checkpoint",
     "load_network_weights",
+    "load_segmenter",
     "load_source_decoder_for",
     "load_stage1_tokenizer",
     "modality_ids",
     "num_classes",
     "pretokenize",
+    "region_dice",
+    "sample_diversity",
     "save_mid_slices",
+    "save_segmenter",
     "score_synthesis",
+    "segment",
+    "segmentation_loss",
     "start_stage1",
     "start_stage2",
     "synthesis_datalist",
     "synthesis_iteration",
     "synthesis_output_path",
+    "train_for_seconds",
     "with_region",
+    "write_nifti",
 ]

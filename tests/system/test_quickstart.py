@@ -63,3 +63,27 @@ def test_quickstart_smoke_end_to_end_and_rerun(tmp_path: Path) -> None:
     # stage 1 ×2, stage 2, decoder, peer; per task: evaluation, one synthesis per row, one score per row, peer, copy
     assert second.stdout.count("done before, skipped") == 5 + len(TASKS) * (1 + 2 * len(ROWS) + 2)
     assert "monai.bundle run" not in second.stdout
+
+    # the BraSyn evaluation on these models: every task, Dice three ways, calibration; a rerun skips its steps
+    brasyn = [sys.executable, "scripts/brasyn_eval.py", "--quickstart_dir", str(tmp_path)]
+    brasyn += ["--output_dir", str(tmp_path / "brasyn"), "--num_samples", "2", "--smoke", "true"]
+    third = subprocess.run(brasyn, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert third.returncode == 0, third.stdout[-4000:] + third.stderr[-4000:]
+    figures = json.loads((tmp_path / "brasyn" / "brasyn.json").read_text())
+    tasks = figures["tasks"]
+    assert len(tasks) == 5 and sorted(target for target, _ in tasks.values()) == ["flair", "t1", "t1ce", "t2", "t2"]
+    for task, (target, _) in tasks.items():
+        rows = figures["synthesis"][task]
+        assert set(rows) == {"prod9_expected_code", "prod9_one_sample", "prod9_mean_of_k", "peer", "copy_the_source"}
+        assert all(-1 <= rows[row]["mean"]["ssim"] <= 1 for row in rows)
+        assert set(figures["dice"][task]) == {"prod9_expected_code", "prod9_one_sample", "prod9_mean_of_k", "peer"}
+        assert 0 < figures["uncertainty"][task]["mean"]["diversity_ssim"] <= 1
+        for case in names:
+            std = nib.load(tmp_path / "brasyn" / "prod9" / task / "samples" / f"{case}_{target}_synth_std.nii.gz")
+            assert std.shape == nib.load(tmp_path / "data" / case / f"{case}_{target}.nii.gz").shape
+    assert all(0 <= figures["dice"]["real"][region] <= 1 for region in ("TC", "WT", "ET"))
+    assert set(figures["dice"]["zeroed"]) == {"t1", "t1ce", "t2", "flair"}
+    report = (tmp_path / "brasyn" / "report.md").read_text()
+    assert "## Segmentation Dice" in report and "## Goals" in report and "pictures/t2_from_t1.png" in report
+    fourth = subprocess.run(brasyn, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert fourth.returncode == 0 and fourth.stdout.count("done before, skipped") == 2 * len(tasks) + 2

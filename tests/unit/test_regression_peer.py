@@ -19,7 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import regression_peer
 import score_synthesis
 from regression_peer import (
+    BRASYN_TASKS,
+    MODALITIES,
     TASKS,
+    TaskConditioned,
     build_network,
     load_scoring_cases,
     predict,
@@ -93,6 +96,7 @@ def test_metrics_json_has_every_task_with_sane_values(peer_run: tuple[Path, Path
             "train_seconds",
             "loss_first",
             "loss_last",
+            "design",
         }
         assert scores["cases"] == 3 and scores["iterations"] >= 1
         assert math.isfinite(scores["psnr"]) and scores["psnr"] > 0
@@ -198,3 +202,41 @@ def test_a_non_finite_loss_stops_training_naming_the_task() -> None:
     batch = {"t1": torch.rand(1, 1, 16, 16, 16), "t2": torch.rand(1, 1, 16, 16, 16)}
     with pytest.raises(FloatingPointError, match=r"^t2: the training loss is nan at iteration 1 .*--amp false"):
         train_network(NotANumber(), [batch], "t2", ["t1"], 5.0, torch.device("cpu"))  # type: ignore[arg-type]
+
+
+class ShowInput(torch.nn.Module):
+    """A "network" that returns its input, to see what ``TaskConditioned`` feeds the U-Net."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_task_conditioning_puts_each_source_in_its_slot_with_availability_and_target_planes() -> None:
+    sources = torch.stack([torch.full((2, 4, 4, 4), 10.0), torch.full((2, 4, 4, 4), 20.0)], dim=1)  # t1, flair
+    planes = TaskConditioned(ShowInput(), "t2", ["t1", "flair"])(sources)
+    assert planes.shape == (2, 3 * len(MODALITIES), 4, 4, 4)
+    per_plane = planes[0, :, 0, 0, 0].tolist()
+    assert per_plane == [10.0, 0.0, 0.0, 20.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]  # images, available, target
+    with pytest.raises(ValueError, match="target 't2'"):
+        TaskConditioned(ShowInput(), "t2", ["t1", "t2"])
+
+
+def test_the_multitask_peer_trains_one_network_for_every_task(
+    peer_run: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    data, _, _ = peer_run
+    tasks = ["t1_from_t1ce_t2_flair", "t2_from_t1"]
+    regression_peer.main(
+        str(data), str(tmp_path), seconds=4.0, split="training", pixdim=PIXDIM, roi_size=ROI, features=FEATURES,
+        amp=False, tasks=tasks, design="multitask",
+    )  # fmt: skip
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(metrics) == tasks and all(metrics[t]["design"] == "multitask" for t in tasks)
+    assert metrics[tasks[0]]["iterations"] == metrics[tasks[1]]["iterations"] >= 1  # one network, one training
+    assert metrics[tasks[0]]["train_seconds"] >= 4.0  # the whole budget, not a share
+    for task in tasks:
+        target = BRASYN_TASKS[task][0]
+        assert len(list((tmp_path / task).glob(f"*_{target}_synth.nii.gz"))) == 3
+        assert -1.0 <= metrics[task]["ssim"] <= 1.0
+    with pytest.raises(ValueError, match="design"):
+        regression_peer.main(str(data), str(tmp_path), seconds=1.0, split="training", design="shared")
