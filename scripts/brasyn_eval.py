@@ -26,6 +26,7 @@ every step) and ``<output_dir>/brasyn.json`` (every figure). Each finished step 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,7 @@ from prod9_ext.engines import (
     brain_mask,
     calibration,
     closest_source,
+    error_summary,
     load_segmenter,
     region_dice,
     sample_diversity,
@@ -285,4 +287,9 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    try:
+        fire.Fire(main)
+    except (ValueError, OSError) as error:  # a bad argument or file: the line that names it, no traceback
+        if os.environ.get(error_summary.TRACEBACK_VARIABLE, "") not in ("", "0"):
+            raise
+        raise SystemExit(f"{error_summary.SUMMARY_PREFIX}{type(error).__name__}: {error}") from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from prod9_ext.engines import (
     brats_regions,
     build_segmenter,
     endless,
+    error_summary,
     region_dice,
     save_segmenter,
     segment,
@@ -115,4 +117,9 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    try:
+        fire.Fire(main)
+    except (ValueError, OSError) as error:  # a bad argument or file: the line that names it, no traceback
+        if os.environ.get(error_summary.TRACEBACK_VARIABLE, "") not in ("", "0"):
+            raise
+        raise SystemExit(f"{error_summary.SUMMARY_PREFIX}{type(error).__name__}: {error}") from None

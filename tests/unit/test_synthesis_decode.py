@@ -162,6 +162,11 @@ def test_bad_number_of_samples_is_refused(kwargs: dict, match: str) -> None:
         SynthesisInferer(_tokenizer(), MaskGiTSampler(), "t2", ["t1"], **kwargs)
 
 
+def test_a_target_among_the_sources_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"target_modality 't2' is also among source_modalities \['t1', 't2'\]"):
+        SynthesisInferer(_tokenizer(), MaskGiTSampler(), "t2", ["t1", "t2"])
+
+
 def test_swapped_codes_decode_the_second_case_with_the_first_cases_tokens() -> None:
     """With stage 1's decoder the sources do not enter decoding: the second case, swapped, is the first case's
     synthesis exactly; the first case keeps its own."""
