@@ -52,13 +52,16 @@ from prod9_ext.engines import (
 )
 
 __all__ = [
+    "BRASYN_TASKS",
     "TASKS",
+    "TaskConditioned",
     "build_network",
     "load_scoring_cases",
     "predict",
     "predict_whole",
     "save_prediction",
     "score_network",
+    "train_multitask",
     "train_network",
 ]
 
