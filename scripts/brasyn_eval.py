@@ -175,6 +175,11 @@ def _synthesis_scores(out: Path, cases: list[dict]) -> tuple[dict, dict]:
                     "diversity_ssim": sample_diversity(stack, brain),
                 }
         scores[task] = {row: {"mean": _mean_over_cases(v), "cases": v} for row, v in rows.items()}
+        print(
+            f"[brasyn] scored {task}: SSIM "
+            + ", ".join(f"{row} {scores[task][row]['mean']['ssim']:.3f}" for row in ROWS),
+            flush=True,
+        )
         uncertainty[task] = {"mean": _mean_over_cases(spread), "cases": spread} if spread else {}
     return scores, uncertainty
 
@@ -207,11 +212,15 @@ def _dice(out: Path, cases: list[dict]) -> dict:
 
     result: dict = {"real": mean_dice([dice_of(case) for case in cases])}
     result["zeroed"] = {m: mean_dice([dice_of(case, m) for case in cases]) for m in MODALITIES}
+    print(f"[brasyn] Dice with the real contrasts: {json.dumps(result['real'])}", flush=True)
     for task, (target, _) in BRASYN_TASKS.items():
         result[task] = {
             row: mean_dice([dice_of(case, target, prediction_file(out, task, row, case["case"])) for case in cases])
             for row in ROWS
         }
+        print(
+            f"[brasyn] Dice {task}: WT " + ", ".join(f"{r} {d['WT']:.3f}" for r, d in result[task].items()), flush=True
+        )
     return result
 
 
