@@ -17,6 +17,7 @@ STEP_TITLES = {
     "stage1_train": "stage 1: train the FSQ autoencoder",
     "stage1_evaluate": "stage 1: reconstruct the held-out cases",
     "stage2_train": "stage 2: tokenize the training cases, train the MaskGiT transformer",
+    "stage2_train_decoder": "stage 2: train the source-aware decoder",
     "peer_regression": "peer: train and score the regression U-Nets (prod9's training time)",
 }
 PEER_SSIM_MARGIN = 0.03  # prod9 counts as level with the regression peer within this much SSIM
@@ -28,8 +29,10 @@ def _task_title(step: str, tasks: dict[str, tuple[str, list[str]]]) -> str:
         name = f"{' + '.join(s.upper() for s in sources)} → {target.upper()}"
         if step == f"stage2_evaluate_{task}":
             return f"stage 2: score {name} on the held-out cases"
-        if step == f"stage2_synthesise_{task}":
-            return f"stage 2: synthesise {name} NIfTI files"
+        if step.startswith(f"stage2_synthesise_{task}_"):
+            return f"stage 2: synthesise {name} NIfTI files, {step.removeprefix(f'stage2_synthesise_{task}_')}"
+        if step.startswith(f"score_{task}_"):
+            return f"score {name}, {step.removeprefix(f'score_{task}_')}"
     return step.replace("_", " ")
 
 
