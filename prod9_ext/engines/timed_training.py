@@ -59,7 +59,9 @@ def train_for_seconds(
             group["lr"] = learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
         loss = loss_of(batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{name}: the training loss is {float(loss.detach())} at iteration {len(losses) + 1}{hint}")
+            raise FloatingPointError(
+                f"{name}: the training loss is {float(loss.detach())} at iteration {len(losses) + 1}{hint}"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
