@@ -164,12 +164,11 @@ def _synthesis_scores(out: Path, cases: list[dict]) -> tuple[dict, dict]:
             copied = closest_source({key: real[key] for key in sources}, real[target], brain)
             rows["copy_the_source"][name] = score_synthesis(real[copied], real[target], seg, brain)
             folder = out / "prod9" / task / "samples"
-            mean, std = _read(prediction_file(out, task, "prod9_mean_of_k", name)), None
-            std_path = folder / f"{name}_{target}_synth_std.nii.gz"
+            mean = _read(prediction_file(out, task, "prod9_mean_of_k", name))
             samples = nib.load(folder / f"{name}_{target}_synth_samples.nii.gz")
             stack = np.moveaxis(np.asarray(samples.dataobj, dtype=np.float32).reshape(*samples.shape[:3], -1), -1, 0)
             if len(stack) > 1:
-                std = _read(std_path)
+                std = _read(folder / f"{name}_{target}_synth_std.nii.gz")
                 spread[name] = {
                     **calibration(mean, std, real[target], brain),
                     "diversity_ssim": sample_diversity(stack, brain),
