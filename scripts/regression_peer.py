@@ -159,6 +159,22 @@ def predict_whole(
     return inferer(sources, lambda x: predict(network, x, amp))  # type: ignore[return-value]
 
 
+def _regression_loss(
+    network: torch.nn.Module,
+    batch: dict,
+    target: str,
+    sources: Sequence[str],
+    device: torch.device,
+    amp: bool,
+    ssim_loss: SeparableSSIMLoss,
+    ssim_weight: float,
+) -> torch.Tensor:
+    """L1 + ``ssim_weight`` (1 - SSIM) of ``network``'s prediction of ``target`` from ``sources`` on ``batch``."""
+    pred = predict(network, _stack(batch, sources, device), amp)
+    y = _stack(batch, [target], device)
+    return F.l1_loss(pred, y) + ssim_weight * ssim_loss(pred, y)
+
+
 def train_network(
     network: torch.nn.Module,
     loader: DataLoader,
@@ -184,9 +200,7 @@ def train_network(
     ssim_loss = SeparableSSIMLoss(spatial_dims=3, data_range=1.0, win_size=7)
 
     def loss_of(batch: dict) -> torch.Tensor:
-        pred = predict(network, _stack(batch, sources, device), amp)
-        y = _stack(batch, [target], device)
-        return F.l1_loss(pred, y) + ssim_weight * ssim_loss(pred, y)
+        return _regression_loss(network, batch, target, sources, device, amp, ssim_loss, ssim_weight)
 
     hint = f" (bf16 autocast {amp}); rerun with --amp false"
     return train_for_seconds(network, endless(loader), loss_of, seconds, learning_rate, target, hint)
@@ -213,9 +227,8 @@ def train_multitask(
 
     def loss_of(batch: dict) -> torch.Tensor:
         target, sources = ALL_TASKS[draw.choice(list(tasks))]
-        pred = predict(TaskConditioned(network, target, sources), _stack(batch, sources, device), amp)
-        y = _stack(batch, [target], device)
-        return F.l1_loss(pred, y) + ssim_weight * ssim_loss(pred, y)
+        conditioned = TaskConditioned(network, target, sources)
+        return _regression_loss(conditioned, batch, target, sources, device, amp, ssim_loss, ssim_weight)
 
     hint = f" (bf16 autocast {amp}); rerun with --amp false"
     return train_for_seconds(network, endless(loader), loss_of, seconds, learning_rate, "multitask", hint)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -117,9 +116,5 @@ def main(
 
 
 if __name__ == "__main__":
-    try:
+    with error_summary.one_line_errors():
         fire.Fire(main)
-    except (ValueError, OSError) as error:  # a bad argument or file: the line that names it, no traceback
-        if os.environ.get(error_summary.TRACEBACK_VARIABLE, "") not in ("", "0"):
-            raise
-        raise SystemExit(f"{error_summary.SUMMARY_PREFIX}{type(error).__name__}: {error}") from None

@@ -34,6 +34,8 @@ import re
 import sys
 import tempfile
 import traceback as tb_module
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +49,7 @@ __all__ = [
     "USER_ERROR_TYPES",
     "install",
     "is_user_error",
+    "one_line_errors",
     "root_cause",
 ]
 
@@ -89,6 +92,18 @@ class _Cause:
     @property
     def line(self) -> str:
         return _one_line(self.kind, self.message)
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """For scripts: a ``ValueError`` or ``OSError`` (a bad argument or file) ends the run with the one line that names
+    it, ``prod9 stopped: <Type>: <message>``, and no traceback unless ``PROD9_TRACEBACK=1``."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+            raise
+        raise SystemExit(f"{SUMMARY_PREFIX}{type(error).__name__}: {error}") from None
 
 
 def root_cause(error: BaseException) -> str | None:
