@@ -90,6 +90,27 @@ class SourceAwareDecoder(nn.Module):
                 branches.append(_zero_conv(widths[level], x.shape[1]))
         self.branches = nn.ModuleList(branches)
 
+    def parameter_groups(self, learning_rate: float, stage1_lr_scale: float = 1.0) -> list[dict]:
+        """Optimizer parameter groups: the new source encoder and branches at ``learning_rate``, the copy of stage 1's
+        decoder at ``learning_rate * stage1_lr_scale``; 0 freezes the copy (ControlNet's locked base model).
+
+        A pretrained decoder trained at the new branches' rate drifts from the decoding that stage 1 learned.
+        """
+        if learning_rate <= 0 or stage1_lr_scale < 0:
+            raise ValueError(
+                f"learning_rate must be > 0 and stage1_lr_scale >= 0, got {learning_rate} and {stage1_lr_scale}"
+            )
+        new = [*self.encoder.parameters(), *self.branches.parameters()]
+        copied = [*self.post_quant_conv.parameters(), *self.blocks.parameters()]
+        for parameter in new:
+            parameter.requires_grad_(True)
+        for parameter in copied:  # the copy of a frozen stage 1 (the tokenizer's) starts frozen too
+            parameter.requires_grad_(stage1_lr_scale > 0)
+        groups: list[dict] = [{"params": new, "lr": learning_rate}]
+        if stage1_lr_scale > 0:
+            groups.append({"params": copied, "lr": learning_rate * stage1_lr_scale})
+        return groups
+
     def source_features(
         self, sources: torch.Tensor, present: torch.Tensor, target_modality: torch.Tensor
     ) -> list[torch.Tensor]:

@@ -7,11 +7,13 @@ three source images (T1, T1ce, T2 → FLAIR) at voxel resolution, ``source_facto
 (4: the bundles' three-level stage 1), read by the space-to-depth source encoder inside every timed run. Peers (see
 ``bench_diffusion`` and ``bench_autoregressive``): MONAI's ``DiffusionModelUNet`` with DDIM-50, RFlow-30 and
 DDPM-1000, and MONAI's ``DecoderOnlyTransformer`` of the same width and depth as prod9's with
-``VQVAETransformerInferer``. Every side stops at the latent grid (decoding excluded).
+``VQVAETransformerInferer``. Each row is timed up to the latent grid, and with decoding: prod9's source-aware decoder
+against the peers' stage-1 encoding of the sources and decoding of the sample (``bench_decoding``), timed in the same
+round-robin and added to each side's rows.
 
 On each grid all rows are timed round-robin (one call of each, then again), after one short warm-up call of each, so
-that machine drift hits every side of a ratio alike. The last column divides each row's median by prod9's 12-step
-row without guidance on the same grid: for a peer it is MaskGiT's speed-up.
+that machine drift hits every side of a ratio alike. The ratio columns divide each row's median by prod9's 12-step
+row without guidance on the same grid (without and with decoding): for a peer it is MaskGiT's speed-up.
 
     python scripts/bench_generation.py              # prints the table
 """
@@ -24,6 +26,7 @@ from functools import partial
 import fire
 import torch
 from bench_autoregressive import ar_workload
+from bench_decoding import decoding_workloads
 from bench_diffusion import diffusion_workloads
 from bench_utils import Workload, autocast, markdown_table, millions_of_parameters, time_interleaved
 
@@ -115,6 +118,7 @@ def generation_table(
     device: str = "cpu",
     amp: bool = False,
     source_factor: int = SOURCE_FACTOR,
+    decoding: bool = True,
 ) -> tuple[str, dict]:
     """Seconds per generated latent grid (batch 1) for every method, and each against prod9 at 12 steps.
 
@@ -122,6 +126,7 @@ def generation_table(
     sampling is measured in full up to ``full_ar_tokens`` tokens and extrapolated from its first ``ar_prefix``
     tokens (rounded to whole slices) above; DDPM is timed on ``ddpm_prefix_steps`` steps and scaled to 1000.
     ``amp``: bf16 autocast on every side. ``source_factor``: voxels per token of prod9's source images.
+    ``decoding``: also time each side's decoding (``bench_decoding``) and report every row with it added.
     """
     dev = torch.device(device)
     rows, results = [], []
@@ -133,29 +138,43 @@ def generation_table(
             *diffusion_workloads(grid, NUM_SOURCES, ddpm_prefix_steps, dev, amp),  # type: ignore[arg-type]
             ar_workload(grid, WIDTH, DEPTH, HEADS, VOCAB, full_ar_tokens, ar_prefix, count, dev, amp),  # type: ignore[arg-type]
         ]
-        timings = time_interleaved([w.run for w in workloads], count, warmups=[w.warm for w in workloads])
-        reported = [w.report(t) for w, t in zip(workloads, timings, strict=True)]
+        decoders = decoding_workloads(grid, dev, amp) if decoding else []  # type: ignore[arg-type]
+        every = workloads + decoders
+        timings = time_interleaved([w.run for w in every], count, warmups=[w.warm for w in every])
+        reported = [w.report(t) for w, t in zip(workloads, timings[: len(workloads)], strict=True)]
+        decode_seconds = [t.median for t in timings[len(workloads) :]]
         base = reported[0][0].median
+        base_decoded = base + decode_seconds[0] if decoding else None
         name = "×".join(map(str, grid)) if len(set(grid)) > 1 else f"{grid[0]}³"
         entries = []
         for w, (timing, note, details) in zip(workloads, reported, strict=True):
             ratio = timing.median / base
             method = w.label if note == "measured" else f"{w.label}, {note}"
-            rows.append([name, method, f"{w.params_m:.1f}M", w.calls, str(timing), f"{ratio:.3g}"])
-            entries.append(
-                {
-                    "method": w.label,
-                    "params_m": w.params_m,
-                    "calls": w.calls,
-                    "seconds": timing.__dict__,
-                    "note": note,
-                    "time_over_prod9_12": ratio,
-                    **details,
-                }
-            )
-        results.append({"grid": list(grid), "repeats": count, "rows": entries})
+            row = [name, method, f"{w.params_m:.1f}M", w.calls, str(timing), f"{ratio:.3g}"]
+            entry = {
+                "method": w.label,
+                "params_m": w.params_m,
+                "calls": w.calls,
+                "seconds": timing.__dict__,
+                "note": note,
+                "time_over_prod9_12": ratio,
+                **details,
+            }
+            if base_decoded is not None:
+                decoded = timing.median + decode_seconds[0 if w.label.startswith("prod9") else 1]
+                row += [f"{decoded:.4f}", f"{decoded / base_decoded:.3g}"]
+                entry |= {"seconds_with_decoding": decoded, "time_with_decoding_over_prod9_12": decoded / base_decoded}
+            rows.append(row)
+            entries.append(entry)
+        for w, timing in zip(decoders, timings[len(workloads) :], strict=True):
+            rows.append([name, w.label, f"{w.params_m:.1f}M", w.calls, str(timing), "", "", ""])
+        decoded_rows = [{"method": w.label, "params_m": w.params_m, "seconds": t.__dict__}
+                        for w, t in zip(decoders, timings[len(workloads) :], strict=True)]  # fmt: skip
+        results.append({"grid": list(grid), "repeats": count, "rows": entries, "decoding": decoded_rows})
     headers = ["grid", "method", "params", "steps / calls", "seconds median [min, max]", "time / prod9 12 steps"]
-    summary = {"device": device, "amp": amp, "source_factor": source_factor, "grids": results}
+    if decoding:
+        headers += ["with decoding: seconds (medians added)", "with decoding: time / prod9 12 steps"]
+    summary = {"device": device, "amp": amp, "source_factor": source_factor, "decoding": decoding, "grids": results}
     return markdown_table(headers, rows), summary
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import fire
 from bench_utils import markdown_table
 
-# Speed-up targets of prod9 at 12 steps over each peer, on the 16³ grid (the issue's targets); None: no target.
+# Speed-up targets of prod9 at 12 steps over each peer (issue 31: with decoding, at 16³ and 24×24×18); None: none.
 SPEEDUP_TARGETS: dict[str, float | None] = {"DDIMScheduler": 5.0, "RFlowScheduler": 3.0, "DDPMScheduler": None}
+TARGET_GRIDS = ([16, 16, 16], [24, 24, 18])
 AR_TARGET = 100.0
 
 
@@ -24,25 +25,32 @@ def _verdict(met: bool) -> str:
 
 
 def _generation_rows(data: dict) -> list[list[str]]:
+    """prod9's 12-step time and its speed-up over each peer, with decoding where the run timed it (the targets' terms;
+    the autoregressive target is on the latent grid, since it predates decoding)."""
     rows = []
     for grid in data["grids"]:
         name = "×".join(map(str, grid["grid"]))
         first, *others = grid["rows"]
-        rows.append([f"prod9 12 steps, {name}", f"{first['seconds']['median']:.3g} s", "", ""])
+        decoded = "seconds_with_decoding" in first
+        seconds = first["seconds_with_decoding"] if decoded else first["seconds"]["median"]
+        rows.append([f"prod9 12 steps, {name}" + (", with decoding" if decoded else ""), f"{seconds:.3g} s", "", ""])
         for row in others:
             peer = next((key for key in SPEEDUP_TARGETS if key in row["method"]), None)
             if peer is None and "VQVAETransformerInferer" not in row["method"]:
                 continue  # prod9's other step counts
             target = AR_TARGET if peer is None else SPEEDUP_TARGETS[peer]
-            speedup = row["time_over_prod9_12"]
+            with_decoding = decoded and peer is not None
+            speedup = row["time_with_decoding_over_prod9_12" if with_decoding else "time_over_prod9_12"]
             label = peer.replace("Scheduler", "") if peer else "autoregressive"
-            cube = grid["grid"] == [16, 16, 16]
+            judged = target and (grid["grid"] in TARGET_GRIDS if with_decoding else grid["grid"] == [16, 16, 16])
             rows.append(
                 [
-                    f"speed-up over {label}, {name}" + (" (extrapolated)" if row["note"] != "measured" else ""),
+                    f"speed-up over {label}, {name}"
+                    + (", with decoding" if with_decoding else "")
+                    + (" (extrapolated)" if row["note"] != "measured" else ""),
                     f"{speedup:.1f}×",
-                    f"≥ {target:g}×" if target and cube else "",
-                    _verdict(speedup >= target) if target and cube else "",
+                    f"≥ {target:g}×" if judged else "",
+                    _verdict(speedup >= target) if judged else "",  # type: ignore[operator]
                 ]
             )
     return rows

@@ -275,8 +275,15 @@ BAD_OVERRIDES = [
     _override("inference.json", ["--network_def#num_channel", "[8]"], "network_def has no key 'num_channel'"),
     _override("inference.json", ["--save_token", "true"], "save_token is set but nothing in this config uses it"),
     _override("train.json", ["--max_epochs", "abc"], "max_epochs must be an integer >= 1, got 'abc'."),
-    _override("train.json", ["--learning_rate", "fast"], "learning_rate must be a number >= 0.0, got 'fast'."),
-    _override("train.json", ["--modalities", "['t1','pd']"], "drawn from ['t1', 't1ce', 't2', 'flair'], got ['t1',"),
+    _override(
+        "train.json", ["--learning_rate", "fast"], "learning_rate must be a number >= 0.0, got 'fast'.", marks=SLOW
+    ),
+    _override(
+        "train.json",
+        ["--modalities", "['t1','pd']"],
+        "drawn from ['t1', 't1ce', 't2', 'flair'], got ['t1',",
+        marks=SLOW,
+    ),
     _override("train.json", ["--dataset", "brat"], "dataset must be one of ['brats', 'medmnist3d'], got 'brat'."),
 ]
 

@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
+import bench_decoding
 import bench_diffusion
 import bench_generation
 import bench_stage1
@@ -37,6 +38,8 @@ def tiny_generators(monkeypatch: pytest.MonkeyPatch) -> None:
     unet = dict(bench_diffusion.UNET, channels=(16, 16, 16), num_head_channels=(0, 8, 8), norm_num_groups=8)
     monkeypatch.setattr(bench_diffusion, "UNET", unet)
     monkeypatch.setattr(bench_diffusion, "SAMPLERS", {"DDIM": 3, "RFlow": 2, "DDPM": 6})
+    monkeypatch.setattr(bench_decoding, "STAGE1", TINY_STAGE1)
+    monkeypatch.setattr(bench_decoding, "SOURCE_DECODER_CHANNELS", 4)
 
 
 def test_generation_table_rows(tiny_generators: None) -> None:
@@ -51,11 +54,19 @@ def test_generation_table_rows(tiny_generators: None) -> None:
         ddpm_prefix_steps=2,
     )
     rows = _rows(table)
-    # per grid: prod9 at 12 and 2 steps, each ± guidance (+ one patch-2 row on the small grids), 3 diffusion, 1 AR
-    assert [row[0] for row in rows] == ["4³"] * 9 + ["8×4×4"] * 9
+    # per grid: prod9 at 12 and 2 steps, each ± guidance (+ one patch-2 row on the small grids), 3 diffusion, 1 AR,
+    # then the two sides' decoding
+    assert [row[0] for row in rows] == ["4³"] * 11 + ["8×4×4"] * 11
+    assert all(len(row) == 8 for row in rows)
     for grid in data["grids"]:
         methods = [row["method"] for row in grid["rows"]]
         assert grid["rows"][0]["calls"].startswith("12 steps") and grid["rows"][0]["time_over_prod9_12"] == 1
+        prod9_decoding, peer_decoding = (row["seconds"]["median"] for row in grid["decoding"])
+        assert "16×16×16 voxels" in grid["decoding"][0]["method"] or grid["grid"] != [4, 4, 4]
+        for row in grid["rows"]:
+            added = prod9_decoding if row["method"].startswith("prod9") else peer_decoding
+            assert row["seconds_with_decoding"] == pytest.approx(row["seconds"]["median"] + added)
+        assert grid["rows"][0]["time_with_decoding_over_prod9_12"] == 1
         assert sum("prod9 MaskGiT" in m for m in methods) == 5
         for scheduler in ("DDIMScheduler", "RFlowScheduler", "DDPMScheduler"):
             assert sum(scheduler in m for m in methods) == 1
@@ -69,9 +80,12 @@ def test_generation_table_rows(tiny_generators: None) -> None:
 
 def test_generation_table_with_bf16_autocast(tiny_generators: None) -> None:
     """The GPU profile's code path (bf16 autocast on every side) runs on the CPU too."""
-    table, data = bench_generation.generation_table(grids=((4, 4, 4),), steps=(12,), repeats=1, amp=True)
-    assert data["amp"] is True
-    assert len(_rows(table)) == 2 + 3 + 1 + 1  # prod9 ± guidance, p=2, 3 diffusion samplers, AR
+    table, data = bench_generation.generation_table(
+        grids=((4, 4, 4),), steps=(12,), repeats=1, amp=True, decoding=False
+    )
+    assert data["amp"] is True and data["decoding"] is False
+    assert len(_rows(table)) == 2 + 3 + 1 + 1  # prod9 ± guidance, p=2, 3 diffusion samplers, AR; no decoding rows
+    assert "seconds_with_decoding" not in data["grids"][0]["rows"][0]
 
 
 def test_tokenizer_table_rows() -> None:
@@ -194,7 +208,15 @@ def test_summary_reads_every_table() -> None:
                     {"method": "x, RFlowScheduler", "time_over_prod9_12": 2.5, "note": "measured"},
                     {"method": "VQVAETransformerInferer", "time_over_prod9_12": 900.0, "note": "extrapolated"},
                 ],
-            }
+            },
+            {
+                "grid": [24, 24, 18],
+                "rows": [
+                    {"method": "prod9", "seconds": {"median": 3.0}, "seconds_with_decoding": 5.0, "note": "measured"},
+                    _decoded("x, DDIMScheduler", 3.5, 2.9),
+                    _decoded("x, RFlowScheduler", 2.1, 3.1),
+                ],
+            },
         ]
     }
     tokenizer = {
@@ -210,3 +232,16 @@ def test_summary_reads_every_table() -> None:
     assert verdicts["speed-up over RFlow, 16×16×16"] == "**missed**"
     assert verdicts["speed-up over autoregressive, 16×16×16 (extrapolated)"] == "met"
     assert verdicts["codebook usage FSQ / VQ-VAE"] == "met"
+    # with decoding timed, the targets are judged on the ratio with decoding, on 24×24×18 as well
+    assert verdicts["speed-up over DDIM, 24×24×18, with decoding"] == "**missed**"
+    assert verdicts["speed-up over RFlow, 24×24×18, with decoding"] == "met"
+    assert "prod9 12 steps, 24×24×18, with decoding" in verdicts
+
+
+def _decoded(method: str, latent_ratio: float, decoded_ratio: float) -> dict:
+    return {
+        "method": method,
+        "time_over_prod9_12": latent_ratio,
+        "time_with_decoding_over_prod9_12": decoded_ratio,
+        "note": "measured",
+    }

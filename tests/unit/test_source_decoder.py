@@ -275,3 +275,28 @@ def test_synthesis_with_a_fresh_source_decoder_is_stage_1s_and_with_a_trained_on
     assert not torch.allclose(synthesis(trained, batch["t1"]), stage1, atol=1e-3)
     brighter = (batch["t1"] + 0.5).clamp(0, 1)
     assert not torch.allclose(synthesis(trained, brighter), synthesis(trained, batch["t1"]), atol=1e-3)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.1, 1.0])
+def test_parameter_groups_give_stage_1s_copy_its_own_rate_or_freeze_it(scale: float) -> None:
+    """One optimizer step moves the new branches at the full rate and stage 1's copy at ``scale`` times it (0: not at
+    all, ControlNet's locked base); every parameter is in exactly one group."""
+    autoencoder = _autoencoder().requires_grad_(False)  # frozen, as the tokenizer's stage 1 is
+    decoder = _randomised(SourceAwareDecoder(autoencoder, M, channels=4))
+    groups = decoder.parameter_groups(1e-3, scale)
+    assert [group["lr"] for group in groups] == ([1e-3] if scale == 0 else [1e-3, 1e-3 * scale])
+    grouped = [id(p) for group in groups for p in group["params"]]
+    assert len(grouped) == len(set(grouped))
+    copied = [*decoder.post_quant_conv.parameters(), *decoder.blocks.parameters()]
+    assert len(grouped) == sum(1 for _ in decoder.parameters()) - (len(copied) if scale == 0 else 0)
+    before = [p.detach().clone() for p in copied]
+    optimizer = torch.optim.SGD(groups, lr=1e-3)
+    codes, sources, present, target = _inputs(autoencoder, (4, 4, 4))
+    decoder.train()
+    decoder(codes, sources, present, target).square().mean().backward()
+    optimizer.step()
+    moved = any(not torch.equal(b, p) for b, p in zip(before, copied, strict=True))
+    assert moved == (scale > 0)
+    assert all(p.requires_grad == (scale > 0) for p in copied)
+    with pytest.raises(ValueError, match=r"stage1_lr_scale >= 0, got 0\.001 and -1"):
+        decoder.parameter_groups(1e-3, -1)
