@@ -99,7 +99,9 @@ def test_mni_brain_is_taller_than_the_roi(mni_t1: Path) -> None:
     assert height_mm > roi_height_mm
 
 
-@pytest.mark.parametrize("use_source_decoder", ["true", "false"])
+@pytest.mark.parametrize(
+    "use_source_decoder", ["true", pytest.param("false", marks=pytest.mark.slow)]
+)  # stage 1's decoder: test_maskgit_bundle's inference runs it (use_source_decoder false) in the default run
 def test_one_nifti_file_gives_its_whole_brain_expected_code(
     models: list[str], mni_t1: Path, tmp_path: Path, use_source_decoder: str
 ) -> None:
