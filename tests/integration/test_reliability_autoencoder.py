@@ -20,7 +20,7 @@ from conftest import AUTOENCODER_BUNDLE, TINY_AUTOENCODER, last_error_line, run_
 from prod9_ext import TransformerDecoder
 from prod9_ext.engines.error_summary import LOG_NAME, SUMMARY_PREFIX, TRACEBACK_VARIABLE
 
-SLOW = pytest.mark.slow  # the same check and code path as a case of the default run
+SLOW = pytest.mark.slow  # the same code path as a case of the default run; the checker itself has unit tests
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +272,9 @@ BAD_OVERRIDES = [
     _override(
         "inference.json", ["--roi_size", "[30,32,32]"], "divisible by 4 (the network's downsampling factor), got [30,"
     ),
-    _override("inference.json", ["--network_def#num_channel", "[8]"], "network_def has no key 'num_channel'"),
+    _override(
+        "inference.json", ["--network_def#num_channel", "[8]"], "network_def has no key 'num_channel'", marks=SLOW
+    ),
     _override("inference.json", ["--save_token", "true"], "save_token is set but nothing in this config uses it"),
     _override("train.json", ["--max_epochs", "abc"], "max_epochs must be an integer >= 1, got 'abc'."),
     _override(
@@ -284,7 +286,9 @@ BAD_OVERRIDES = [
         "drawn from ['t1', 't1ce', 't2', 'flair'], got ['t1',",
         marks=SLOW,
     ),
-    _override("train.json", ["--dataset", "brat"], "dataset must be one of ['brats', 'medmnist3d'], got 'brat'."),
+    _override(
+        "train.json", ["--dataset", "brat"], "dataset must be one of ['brats', 'medmnist3d'], got 'brat'.", marks=SLOW
+    ),
 ]
 
 
