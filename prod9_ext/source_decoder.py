@@ -94,7 +94,8 @@ class SourceAwareDecoder(nn.Module):
         """Optimizer parameter groups: the new source encoder and branches at ``learning_rate``, the copy of stage 1's
         decoder at ``learning_rate * stage1_lr_scale``; 0 freezes the copy (ControlNet's locked base model).
 
-        A pretrained decoder trained at the new branches' rate drifts from the decoding that stage 1 learned.
+        Sets ``requires_grad`` to match: a copy of the tokenizer's frozen stage 1 starts frozen, and only a scale > 0
+        lets it train.
         """
         if learning_rate <= 0 or stage1_lr_scale < 0:
             raise ValueError(
@@ -104,7 +105,7 @@ class SourceAwareDecoder(nn.Module):
         copied = [*self.post_quant_conv.parameters(), *self.blocks.parameters()]
         for parameter in new:
             parameter.requires_grad_(True)
-        for parameter in copied:  # the copy of a frozen stage 1 (the tokenizer's) starts frozen too
+        for parameter in copied:
             parameter.requires_grad_(stage1_lr_scale > 0)
         groups: list[dict] = [{"params": new, "lr": learning_rate}]
         if stage1_lr_scale > 0:
