@@ -166,10 +166,10 @@ def generation_table(
                 entry |= {"seconds_with_decoding": decoded, "time_with_decoding_over_prod9_12": decoded / base_decoded}
             rows.append(row)
             entries.append(entry)
+        decoded_rows = []
         for w, timing in zip(decoders, timings[len(workloads) :], strict=True):
             rows.append([name, w.label, f"{w.params_m:.1f}M", w.calls, str(timing), "", "", ""])
-        decoded_rows = [{"method": w.label, "params_m": w.params_m, "seconds": t.__dict__}
-                        for w, t in zip(decoders, timings[len(workloads) :], strict=True)]  # fmt: skip
+            decoded_rows.append({"method": w.label, "params_m": w.params_m, "seconds": timing.__dict__})
         results.append({"grid": list(grid), "repeats": count, "rows": entries, "decoding": decoded_rows})
     headers = ["grid", "method", "params", "steps / calls", "seconds median [min, max]", "time / prod9 12 steps"]
     if decoding:
